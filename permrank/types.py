@@ -1,0 +1,153 @@
+"""Typed values at permrank's boundaries: queries, candidates, requests, rankings, usage.
+
+These models import nothing else of permrank. Unknown fields on a candidate or a request are
+kept (``extra="allow"``) and written back unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPAIR_KINDS = ("ok", "wrong_format", "repetition", "missing", "out_of_range", "refusal")
+"""Every kind of repair a parsed window answer can need. ``ok`` means none was needed."""
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    qid: str
+    text: str
+
+
+class Candidate(BaseModel):
+    """One first-stage candidate. ``score`` is the first-stage score when there is one."""
+
+    model_config = ConfigDict(extra="allow")
+
+    docid: str
+    text: str
+    title: str | None = None
+    score: float | None = None
+
+
+class Request(BaseModel):
+    """One query and its candidates, in first-stage order.
+
+    ``layout`` records how the request was read ("permrank" or "rank_llm") so that it is written
+    back in the same layout.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    query: Query
+    candidates: list[Candidate]
+    layout: Literal["permrank", "rank_llm"] = "permrank"
+
+
+class RepairReport(BaseModel):
+    """What parsing one window answer had to repair. ``ok`` is true when nothing was repaired."""
+
+    ok: bool = True
+    wrong_format: bool = False
+    repetition: int = 0
+    missing: int = 0
+    out_of_range: int = 0
+    refusal: bool = False
+
+    def kinds(self) -> list[str]:
+        """The names of the repairs done (``["ok"]`` when none)."""
+        if self.ok:
+            return ["ok"]
+        names = []
+        if self.wrong_format:
+            names.append("wrong_format")
+        if self.repetition:
+            names.append("repetition")
+        if self.missing:
+            names.append("missing")
+        if self.out_of_range:
+            names.append("out_of_range")
+        if self.refusal:
+            names.append("refusal")
+        return names
+
+
+class Usage(BaseModel):
+    """What a run cost, counted from the server's answers (never estimated)."""
+
+    calls: int = 0
+    cached_calls: int = 0
+    failed_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    """Sum of the latencies of every call (a call's time on the wire, retries included)."""
+    rounds: int = 0
+    """Sequential rounds of windows (a batch of windows sent together counts once)."""
+    repairs: dict[str, int] = Field(default_factory=lambda: {k: 0 for k in REPAIR_KINDS})
+
+    def add(self, other: Usage) -> None:
+        self.calls += other.calls
+        self.cached_calls += other.cached_calls
+        self.failed_calls += other.failed_calls
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.latency_s += other.latency_s
+        self.rounds += other.rounds
+        for kind, count in other.repairs.items():
+            self.repairs[kind] = self.repairs.get(kind, 0) + count
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class WindowTrace(BaseModel):
+    """One window asked of the model: which candidates, what came back, what it cost."""
+
+    round: int
+    """The sequential round of the strategy this window belongs to (0-based)."""
+    docids: list[str]
+    """The window's candidates in the order they were shown (identifier 1 first)."""
+    answer: str
+    """The model's raw answer."""
+    permutation: list[int]
+    """The parsed permutation: 0-based positions in ``docids``, most relevant first."""
+    repair: RepairReport
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    cached: bool = False
+
+
+class Ranking(BaseModel):
+    """The result for one query: candidates in the new order, and how it was obtained."""
+
+    query: Query
+    candidates: list[Candidate]
+    """All candidates, most relevant first."""
+    trace: list[WindowTrace] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    seconds: float = 0.0
+    """Wall time spent on this query."""
+    error: str | None = None
+    """Why this query failed (its candidates are then in their input order)."""
+    layout: Literal["permrank", "rank_llm"] = "permrank"
+
+    @property
+    def docids(self) -> list[str]:
+        return [c.docid for c in self.candidates]
+
+
+class Completion(BaseModel):
+    """One answer from a backend."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    finish_reason: str | None = None
+    cached: bool = False
+    raw: dict[str, Any] | None = None
