@@ -1,9 +1,9 @@
 """permrank: listwise reranking with large language models.
 
-    from permrank import Reranker
-    reranker = Reranker("Qwen/Qwen2.5-7B-Instruct", "http://127.0.0.1:8000/v1")
-    ranking = reranker.rank("how long is the life cycle of a flea", passages)
-    ranking.candidates  # most relevant first
+from permrank import Reranker
+reranker = Reranker("Qwen/Qwen2.5-7B-Instruct", "http://127.0.0.1:8000/v1")
+ranking = reranker.rank("how long is the life cycle of a flea", passages)
+ranking.candidates  # most relevant first
 """
 
 from .errors import (

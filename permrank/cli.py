@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "permrank.commands.rerank",
     "permrank.commands.evaluate",
     "permrank.commands.simulate",
+    "permrank.commands.serve",
 )
 
 

@@ -43,8 +43,9 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
         try:
             rel = int(parts[3])
         except ValueError:
-            raise InputError(f"relevance {parts[3]!r} is not an integer", path=str(path),
-                             line=lineno) from None
+            raise InputError(
+                f"relevance {parts[3]!r} is not an integer", path=str(path), line=lineno
+            ) from None
         qrels.setdefault(parts[0], {})[parts[2]] = rel
     return qrels
 
@@ -60,12 +61,14 @@ def read_run(path: str | Path) -> dict[str, dict[str, float]]:
             try:
                 record = json.loads(stripped)
             except json.JSONDecodeError as exc:
-                raise InputError(f"malformed JSON ({exc.msg})", path=str(path),
-                                 line=lineno) from None
+                raise InputError(
+                    f"malformed JSON ({exc.msg})", path=str(path), line=lineno
+                ) from None
             request = parse_request(record, path=str(path), line=lineno)
             n = len(request.candidates)
-            run[request.query.qid] = {c.docid: float(n - i) for i, c in
-                                      enumerate(request.candidates)}
+            run[request.query.qid] = {
+                c.docid: float(n - i) for i, c in enumerate(request.candidates)
+            }
             continue
         parts = stripped.split()
         if len(parts) < 6:
@@ -78,8 +81,9 @@ def read_run(path: str | Path) -> dict[str, dict[str, float]]:
         try:
             score = float(parts[4])
         except ValueError:
-            raise InputError(f"score {parts[4]!r} is not a number", path=str(path),
-                             line=lineno) from None
+            raise InputError(
+                f"score {parts[4]!r} is not a number", path=str(path), line=lineno
+            ) from None
         run.setdefault(parts[0], {})[parts[2]] = score
     return run
 

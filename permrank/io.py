@@ -189,8 +189,9 @@ def validate_requests(path: str | Path) -> tuple[int, int]:
             )
         first_line[qid] = lineno
         if not request.candidates:
-            log.warning("%s:%d: query %s has no candidates; passed through unchanged",
-                        path, lineno, qid)
+            log.warning(
+                "%s:%d: query %s has no candidates; passed through unchanged", path, lineno, qid
+            )
         queries += 1
         candidates += len(request.candidates)
     return queries, candidates
@@ -225,8 +226,12 @@ def ranking_record(ranking: Ranking) -> dict[str, Any]:
             "candidates": candidates,
         }
     else:
-        record = {"qid": ranking.query.qid, "query": ranking.query.text, **query_extra,
-                  "candidates": candidates}
+        record = {
+            "qid": ranking.query.qid,
+            "query": ranking.query.text,
+            **query_extra,
+            "candidates": candidates,
+        }
     if ranking.error:
         record["error"] = ranking.error
     return record

@@ -29,9 +29,8 @@ _OPEN = r"[\[【［〔]"
 _CLOSE = r"[\]】］〕]"
 _BRACKETED = re.compile(_OPEN + r"\s*(\d{1,4})\s*" + _CLOSE)
 _SEPARATOR = r"\s*(?:>>?|≻|›|→|->|,|;)\s*"
-_CHAIN = re.compile(
-    _OPEN + r"\s*\d{1,4}\s*" + _CLOSE + "(?:" + _SEPARATOR + _OPEN + r"\s*\d{1,4}\s*" + _CLOSE + ")+"
-)
+_ONE = _OPEN + r"\s*\d{1,4}\s*" + _CLOSE
+_CHAIN = re.compile(_ONE + "(?:" + _SEPARATOR + _ONE + ")+")
 _STRICT = re.compile(r"^\s*\[\d+\](\s*>\s*\[\d+\])*\s*$")
 _BARE_LINE = re.compile(r"^\s*\d{1,4}(\s*(?:>|,|>>|→|->|;)\s*\d{1,4})+\s*\.?\s*$")
 _NUMBER = re.compile(r"\d{1,4}")
@@ -118,7 +117,5 @@ def parse_permutation(answer: str, n: int) -> tuple[list[int], RepairReport]:
         out_of_range=out_of_range,
         refusal=refusal,
     )
-    report.ok = not (
-        report.wrong_format or repetition or report.missing or out_of_range or refusal
-    )
+    report.ok = not (report.wrong_format or repetition or report.missing or out_of_range or refusal)
     return order, report

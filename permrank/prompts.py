@@ -47,9 +47,7 @@ class Template(BaseModel):
     source: str = ""
     sha256: str = ""
 
-    def render(
-        self, query: str, passages: list[tuple[str, str | None]]
-    ) -> list[dict[str, str]]:
+    def render(self, query: str, passages: list[tuple[str, str | None]]) -> list[dict[str, str]]:
         """Messages for one window: ``passages`` are (text, title) pairs, identifier 1 first."""
         num = len(passages)
 
@@ -72,8 +70,10 @@ class Template(BaseModel):
             if not self.messages[k].for_each_passage:
                 msg = self.messages[k]
                 out.append(
-                    {"role": msg.role, "content": msg.content.format(
-                        query=query, num=num, passages=block)}
+                    {
+                        "role": msg.role,
+                        "content": msg.content.format(query=query, num=num, passages=block),
+                    }
                 )
                 k += 1
                 continue

@@ -101,8 +101,9 @@ class Corpus:
                 SimQuery(
                     qid=request.query.qid,
                     text=_norm(request.query.text),
-                    passages=[(c.docid, _norm(c.text), g.get(c.docid, 0))
-                              for c in request.candidates],
+                    passages=[
+                        (c.docid, _norm(c.text), g.get(c.docid, 0)) for c in request.candidates
+                    ],
                 )
             )
         return cls(queries)
@@ -227,6 +228,9 @@ class SimulatorState:
     temperatures: Counter = field(default_factory=Counter)
     unmatched: int = 0
     passages_shown: int = 0
+    faults: Any = None
+    """Fault injection (see the reliability work): an object whose ``intercept(handler, body,
+    path)`` may answer a request itself (an error, a cut connection, ...) and return True."""
 
     def answer(self, body: dict[str, Any]) -> tuple[str, int, int]:
         """(answer text, prompt tokens, completion tokens) for one request body."""
@@ -289,9 +293,20 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server.state
         path = self.path.split("?")[0].rstrip("/")
         if path in ("/v1/models", "/models"):
-            self._send(200, {"object": "list", "data": [
-                {"id": state.model, "object": "model", "owned_by": "permrank",
-                 "max_model_len": 131072}]})
+            self._send(
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": state.model,
+                            "object": "model",
+                            "owned_by": "permrank",
+                            "max_model_len": 131072,
+                        }
+                    ],
+                },
+            )
         elif path in ("/health", "/v1/health"):
             self._send(200, {"status": "ok"})
         elif path in ("/stats", "/v1/stats"):
@@ -308,26 +323,46 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             self._send(400, {"error": {"message": "body is not JSON"}})
             return
-        if path not in ("/v1/chat/completions", "/chat/completions", "/v1/completions",
-                        "/completions"):
+        if path not in (
+            "/v1/chat/completions",
+            "/chat/completions",
+            "/v1/completions",
+            "/completions",
+        ):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        if state.faults is not None and state.faults.intercept(self, body, path):
             return
         text, prompt_tokens, completion_tokens = state.answer(body)
         if state.latency_s > 0:
             time.sleep(state.latency_s)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         created = int(time.time())
         if path.endswith("chat/completions"):
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": text}}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": text},
+            }
             obj = "chat.completion"
         else:
             choice = {"index": 0, "finish_reason": "stop", "text": text}
             obj = "text_completion"
-        self._send(200, {"id": f"sim-{state.requests}", "object": obj, "created": created,
-                         "model": body.get("model", state.model), "choices": [choice],
-                         "usage": usage})
+        self._send(
+            200,
+            {
+                "id": f"sim-{state.requests}",
+                "object": obj,
+                "created": created,
+                "model": body.get("model", state.model),
+                "choices": [choice],
+                "usage": usage,
+            },
+        )
 
 
 class _Server(ThreadingHTTPServer):

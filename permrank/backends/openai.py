@@ -164,7 +164,9 @@ class OpenAIBackend:
                 ) from None
             raise
         if not isinstance(answer, dict):
-            raise BackendError(f"{self.endpoint}{route}: answer is not a JSON object: {answer!r:.200}")
+            raise BackendError(
+                f"{self.endpoint}{route}: answer is not a JSON object: {answer!r:.200}"
+            )
         return answer, time.perf_counter() - started
 
     async def complete(

@@ -14,11 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate with ir-measures. Metrics compose as in ir-measures: nDCG@10, "
         "P(rel=2)@10, AP(rel=2), R(rel=2)@100, RR@10 ...",
     )
-    p.add_argument("--run", required=True, action="append",
-                   help="TREC run or permrank JSONL (repeat to compare several)")
+    p.add_argument(
+        "--run",
+        required=True,
+        action="append",
+        help="TREC run or permrank JSONL (repeat to compare several)",
+    )
     p.add_argument("--qrels", required=True, help="TREC qrels file")
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
-                   help="metrics (default nDCG@10)")
+    p.add_argument(
+        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metrics (default nDCG@10)"
+    )
     p.add_argument("--per-query", action="store_true", help="also print each query's value")
     p.set_defaults(func=run)
 

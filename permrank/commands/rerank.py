@@ -15,8 +15,14 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..evaluate import evaluate, read_qrels, run_of
-from ..io import open_text, ranking_line, read_requests, trec_lines, validate_requests, \
-    write_json_atomic
+from ..io import (
+    open_text,
+    ranking_line,
+    read_requests,
+    trec_lines,
+    validate_requests,
+    write_json_atomic,
+)
 from ..manifest import build_manifest, now
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
@@ -28,33 +34,61 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model", help="model name the endpoint serves")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                   help="environment variable holding the API key (default OPENAI_API_KEY); "
-                        "the key is never logged or written")
+    g.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default OPENAI_API_KEY); "
+        "the key is never logged or written",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed sent with every request")
-    g.add_argument("--max-tokens", type=int, default=None,
-                   help="answer budget per window (default: sized to a full permutation)")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="answer budget per window (default: sized to a full permutation)",
+    )
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     g.add_argument("--rps", type=float, default=None, help="requests per second at most")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
-    g.add_argument("--max-retries", type=int, default=5,
-                   help="retries of a failed request (429, 5xx, timeouts) before giving up (5)")
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        default=5,
+        help="retries of a failed request (429, 5xx, timeouts) before giving up (5)",
+    )
 
     g = parser.add_argument_group("windows and prompts")
-    g.add_argument("--strategy", default="sliding", choices=sorted(STRATEGIES),
-                   help="how windows are planned and merged (sliding)")
+    g.add_argument(
+        "--strategy",
+        default="sliding",
+        choices=sorted(STRATEGIES),
+        help="how windows are planned and merged (sliding)",
+    )
     g.add_argument("--window-size", type=int, default=20, help="passages per window (20)")
     g.add_argument("--step", type=int, default=10, help="how far the window moves (10)")
     g.add_argument("--passes", type=int, default=1, help="sliding passes (1)")
-    g.add_argument("--top-k", type=int, default=None,
-                   help="rerank only the first K candidates (default: all)")
-    g.add_argument("--prompt", default="rankgpt",
-                   help="template: rankgpt, rankzephyr, or a path to a TOML template")
-    g.add_argument("--max-passage-tokens", type=int, default=300,
-                   help="each passage is cut to this many tokens (300)")
-    g.add_argument("--context-window", type=int, default=8192,
-                   help="the model's context in tokens; prompts are fitted to it (8192)")
+    g.add_argument(
+        "--top-k", type=int, default=None, help="rerank only the first K candidates (default: all)"
+    )
+    g.add_argument(
+        "--prompt",
+        default="rankgpt",
+        help="template: rankgpt, rankzephyr, or a path to a TOML template",
+    )
+    g.add_argument(
+        "--max-passage-tokens",
+        type=int,
+        default=300,
+        help="each passage is cut to this many tokens (300)",
+    )
+    g.add_argument(
+        "--context-window",
+        type=int,
+        default=8192,
+        help="the model's context in tokens; prompts are fitted to it (8192)",
+    )
 
 
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
@@ -103,11 +137,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", help="run manifest path (default: OUTPUT.manifest.json)")
     p.add_argument("--qrels", help="TREC qrels: print nDCG@10 before and after")
     p.add_argument("--limit", type=int, default=None, help="rerank only the first N queries")
-    p.add_argument("--depth", type=int, default=None,
-                   help="keep only the first N candidates of each query")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="a query that fails after retries stops the run (fail, default) or is "
-                   "written in its input order with the reason (skip)")
+    p.add_argument(
+        "--depth", type=int, default=None, help="keep only the first N candidates of each query"
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a query that fails after retries stops the run (fail, default) or is "
+        "written in its input order with the reason (skip)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -152,8 +191,9 @@ def run(args: argparse.Namespace) -> int:
     done = 0
     try:
         with open_text(out_path, "w") as out:
-            bar = tqdm(total=n_queries, unit="query", disable=args.quiet, file=sys.stderr,
-                       desc="rerank")
+            bar = tqdm(
+                total=n_queries, unit="query", disable=args.quiet, file=sys.stderr, desc="rerank"
+            )
 
             async def go() -> None:
                 nonlocal done
@@ -191,8 +231,13 @@ def run(args: argparse.Namespace) -> int:
             failed=failed,
             started=started,
             seconds=seconds,
-            files={"input": args.input, "output": args.output, "trec": args.trec,
-                   "limit": args.limit, "depth": args.depth},
+            files={
+                "input": args.input,
+                "output": args.output,
+                "trec": args.trec,
+                "limit": args.limit,
+                "depth": args.depth,
+            },
         )
         write_json_atomic(args.manifest or f"{args.output}.manifest.json", manifest)
     if not args.quiet:

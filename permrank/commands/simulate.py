@@ -23,8 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qrels", help="qrels file (instead of --data)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
-    p.add_argument("--noise", type=float, default=0.0,
-                   help="probability of swapping each adjacent pair of the true order (0)")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="probability of swapping each adjacent pair of the true order (0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
     p.add_argument("--model", default="permrank-simulator", help="model name it reports")
@@ -51,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     )
     sim.state.model = args.model
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"permrank simulator: {sim.base_url} (model {args.model}, "
-          f"{len(sim.state.corpus.queries)} queries)", flush=True)
+    print(
+        f"permrank simulator: {sim.base_url} (model {args.model}, "
+        f"{len(sim.state.corpus.queries)} queries)",
+        flush=True,
+    )
     try:
         sim.serve_forever()
     except (KeyboardInterrupt, SystemExit):
