@@ -163,7 +163,8 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
     repairs = ", ".join(f"{k} {v}" for k, v in totals.repairs.items() if v)
     return [
         f"{queries} queries in {seconds:.1f} s: {totals.calls} calls "
-        f"({totals.cached_calls} from cache), {totals.rounds} sequential rounds",
+        f"({totals.cached_calls} from cache), "
+        f"{totals.rounds / max(1, queries):.1f} sequential rounds per query",
         f"tokens: {totals.prompt_tokens} prompt + {totals.completion_tokens} completion "
         f"= {totals.total_tokens}",
         f"window answers: {repairs or 'none'}",
