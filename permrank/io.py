@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -242,10 +243,14 @@ def ranking_line(ranking: Ranking) -> str:
 
 
 def trec_lines(ranking: Ranking, tag: str = "permrank") -> str:
-    scores = rank_scores(len(ranking.candidates))
+    return trec_lines_of(ranking.query.qid, ranking.docids, tag)
+
+
+def trec_lines_of(qid: str, docids: list[str], tag: str = "permrank") -> str:
+    scores = rank_scores(len(docids))
     return "".join(
-        f"{ranking.query.qid} Q0 {c.docid} {rank} {score:g} {tag}\n"
-        for rank, (c, score) in enumerate(zip(ranking.candidates, scores, strict=True), 1)
+        f"{qid} Q0 {docid} {rank} {score:g} {tag}\n"
+        for rank, (docid, score) in enumerate(zip(docids, scores, strict=True), 1)
     )
 
 
@@ -268,3 +273,133 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         json.dump(data, f, indent=2, ensure_ascii=False, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+# -- crash-safe output -----------------------------------------------------------------------
+# The reranked JSONL is written one finished query at a time: one write of the whole line (a
+# gzip member of its own for .gz), then fsync. A run killed at any moment leaves complete lines
+# and at most one partial line at the end, which ``recover_output`` removes before a resumed run
+# appends to the file.
+
+
+def record_qid(record: dict[str, Any]) -> str | None:
+    """The qid of an output record in either layout."""
+    query = record.get("query")
+    qid = query.get("qid") if isinstance(query, dict) else record.get("qid")
+    return None if qid is None else str(qid)
+
+
+def record_docids(record: dict[str, Any]) -> list[str]:
+    return [str(c.get("docid")) for c in record.get("candidates") or []]
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[bytes, int]]:
+    """(line, end offset) of each complete line; for .gz, up to the first damaged member."""
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            try:
+                for line in f:
+                    if line.endswith(b"\n"):
+                        yield line, -1
+            except (EOFError, OSError, zlib.error):  # a member cut by a crash
+                return
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            offset += len(line)
+            yield line, offset
+
+
+def iter_output_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete records of an output file written by ``OutputWriter``."""
+    for line, _ in _complete_lines(Path(path)):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and record_qid(record) is not None:
+            yield record
+
+
+def recover_output(path: str | Path) -> tuple[set[str], int]:
+    """Make an output left by a killed run fit to append to; the qids it holds.
+
+    Removes a partial last line, any line that is not a complete record, and the records of
+    queries that failed (``"error"``), so a resumed run asks those again. Returns the qids kept
+    and how many lines were removed. Streams: memory holds only the qids.
+    """
+    path = Path(path)
+    done: set[str] = set()
+    dropped = 0
+    end = 0
+    rewrite = False
+    for line, offset in _complete_lines(path):
+        try:
+            record = json.loads(line)
+            qid = record_qid(record) if isinstance(record, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            qid = None
+        if qid is None or qid in done or record.get("error"):
+            dropped += 1
+            rewrite = True
+            continue
+        done.add(qid)
+        end = offset
+    gz = str(path).endswith(".gz")
+    size = path.stat().st_size
+    if not rewrite and not gz and end < size:  # only a partial last line: cut it off
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+        return done, dropped + 1
+    if rewrite or gz:
+        tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+        kept: set[str] = set()
+        with OutputWriter(tmp, overwrite=True) as out:
+            for line, _ in _complete_lines(path):
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                qid = record_qid(record) if isinstance(record, dict) else None
+                if qid in done and qid not in kept and not record.get("error"):
+                    kept.add(qid)
+                    out.write(line.decode("utf-8"))
+        os.replace(tmp, path)
+    return done, dropped
+
+
+class OutputWriter:
+    """Append whole lines to a file, each one written at once and synced to disk."""
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, sync: bool = True):
+        self.path = Path(path)
+        self.gz = str(path).endswith(".gz")
+        self.sync = sync
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_APPEND)
+        self.fd = os.open(self.path, flags, 0o644)
+
+    def write(self, line: str) -> None:
+        data = line.encode("utf-8")
+        if self.gz:  # a gzip member per line: a crash can only damage the last one
+            data = gzip.compress(data, mtime=0)
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        if self.sync:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

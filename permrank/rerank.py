@@ -14,15 +14,23 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .backends.base import Backend
 from .errors import BackendError, ConfigError
 from .parse import parse_permutation
-from .prompts import PromptBudget, Template, answer_tokens, load_template, render_window
+from .prompts import (
+    PromptBudget,
+    Template,
+    answer_tokens,
+    count_message_tokens,
+    load_template,
+    render_window,
+)
 from .strategies import Strategy, get_strategy
 from .tokens import Tokenizer, default_tokenizer
-from .types import Candidate, Query, Ranking, Request, Usage, WindowTrace
+from .types import Candidate, Completion, Query, Ranking, Request, Usage, WindowTrace
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +78,37 @@ async def ask_window(
     extra = dict(pipeline.sampling.extra)
     if pipeline.window_extra is not None:
         extra.update(pipeline.window_extra(len(window)))
-    completion = await pipeline.backend.complete(
-        messages,
-        max_tokens=max_tokens,
-        temperature=pipeline.sampling.temperature,
-        seed=pipeline.sampling.seed,
-        extra=extra or None,
-    )
+
+    async def send(budget: int) -> Completion:
+        return await pipeline.backend.complete(
+            messages,
+            max_tokens=budget,
+            temperature=pipeline.sampling.temperature,
+            seed=pipeline.sampling.seed,
+            extra=extra or None,
+        )
+
+    completion = await send(max_tokens)
+    attempts = 1
+    # An answer cut by max_tokens is asked once more with up to twice the budget (as much as
+    # the context leaves), then repaired whatever comes back.
+    more_tokens = 0
+    if completion.finish_reason == "length":
+        room = pipeline.budget.context_window - count_message_tokens(messages, pipeline.tokenizer)
+        more_tokens = min(2 * max_tokens, room)
+    if more_tokens > max_tokens:
+        log.warning(
+            "query %s: answer cut at %d tokens; asking again with %d",
+            request.query.qid,
+            max_tokens,
+            more_tokens,
+        )
+        first = completion
+        completion = await send(more_tokens)
+        completion.prompt_tokens += first.prompt_tokens
+        completion.completion_tokens += first.completion_tokens
+        completion.latency_s += first.latency_s
+        attempts = 2
     permutation, report = parse_permutation(completion.text, len(window))
     trace = WindowTrace(
         round=round_index,
@@ -88,6 +120,7 @@ async def ask_window(
         completion_tokens=completion.completion_tokens,
         latency_s=completion.latency_s,
         cached=completion.cached,
+        attempts=attempts,
     )
     return [window[p] for p in permutation], trace
 
@@ -95,8 +128,8 @@ async def ask_window(
 def usage_of(trace: Sequence[WindowTrace], rounds: int) -> Usage:
     usage = Usage(rounds=rounds)
     for t in trace:
-        usage.calls += 0 if t.cached else 1
-        usage.cached_calls += 1 if t.cached else 0
+        usage.calls += 0 if t.cached else t.attempts
+        usage.cached_calls += t.attempts if t.cached else 0
         usage.prompt_tokens += t.prompt_tokens
         usage.completion_tokens += t.completion_tokens
         usage.latency_s += t.latency_s
@@ -181,7 +214,9 @@ async def rerank_stream(
                 yield await task
             except BackendError as exc:
                 if on_error == "fail":
-                    raise
+                    failure = BackendError(f"query {request.query.qid} failed: {exc}")
+                    failure.qid = request.query.qid  # type: ignore[attr-defined]
+                    raise failure from None
                 log.error("query %s failed: %s", request.query.qid, exc)
                 yield failed_ranking(request, str(exc))
     finally:
@@ -238,7 +273,8 @@ class Reranker:
 
     Options name what they are: ``strategy`` ("sliding" or a Strategy value), ``window_size``,
     ``step``, ``passes``, ``top_k``, ``prompt`` (a shipped template's name or a TOML path),
-    ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second).
+    ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
+    ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default).
     A ready ``backend`` can be given instead of ``model`` + ``base_url``.
     """
 
@@ -267,6 +303,7 @@ class Reranker:
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
+        cache: str | Path | None = None,
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
@@ -286,6 +323,10 @@ class Reranker:
                 timeout_s=timeout_s,
                 max_retries=max_retries,
             )
+        if cache is not None:
+            from .backends.cache import CachingBackend
+
+            backend = CachingBackend(backend, cache)
         self.backend = backend
         self.concurrency = concurrency
         self.on_error: OnError = on_error

@@ -269,6 +269,7 @@ class SimulatorState:
                 "passages_shown": self.passages_shown,
                 "noise": self.noise.describe(),
                 "latency_s": self.latency_s,
+                "faults": self.faults.describe() if self.faults is not None else None,
             }
 
 
@@ -336,33 +337,42 @@ class _Handler(BaseHTTPRequestHandler):
         text, prompt_tokens, completion_tokens = state.answer(body)
         if state.latency_s > 0:
             time.sleep(state.latency_s)
-        usage = {
+        payload = completion_payload(state, body, path, text, prompt_tokens, completion_tokens)
+        self._send(200, payload)
+
+
+def completion_payload(
+    state: SimulatorState,
+    body: dict[str, Any],
+    path: str,
+    text: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finish_reason: str = "stop",
+) -> dict[str, Any]:
+    """An OpenAI-style answer (chat or text completion, as ``path`` asks) carrying ``text``."""
+    if path.endswith("chat/completions"):
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish_reason,
+            "message": {"role": "assistant", "content": text},
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "finish_reason": finish_reason, "text": text}
+        obj = "text_completion"
+    return {
+        "id": f"sim-{state.requests}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": body.get("model", state.model),
+        "choices": [choice],
+        "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-        }
-        created = int(time.time())
-        if path.endswith("chat/completions"):
-            choice: dict[str, Any] = {
-                "index": 0,
-                "finish_reason": "stop",
-                "message": {"role": "assistant", "content": text},
-            }
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "finish_reason": "stop", "text": text}
-            obj = "text_completion"
-        self._send(
-            200,
-            {
-                "id": f"sim-{state.requests}",
-                "object": obj,
-                "created": created,
-                "model": body.get("model", state.model),
-                "choices": [choice],
-                "usage": usage,
-            },
-        )
+        },
+    }
 
 
 class _Server(ThreadingHTTPServer):
@@ -386,10 +396,15 @@ class Simulator:
         port: int = 0,
         noise: Noise | None = None,
         latency_s: float = 0.0,
+        faults: Any = None,
     ):
-        self.state = SimulatorState(corpus=corpus, noise=noise or Noise(), latency_s=latency_s)
+        self.state = SimulatorState(
+            corpus=corpus, noise=noise or Noise(), latency_s=latency_s, faults=faults
+        )
         self.server = _Server((host, port), self.state)
         self.thread: threading.Thread | None = None
+        if faults is not None and hasattr(faults, "bind"):
+            faults.bind(self)  # a fault may restart the server (see permrank.simfaults)
 
     @property
     def port(self) -> int:
@@ -410,6 +425,20 @@ class Simulator:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def restart(self, down_s: float) -> None:
+        """Stop listening (connections are refused) for ``down_s`` seconds, then listen again
+        on the same address, as a server that restarts does. Answers in progress finish."""
+        address = self.server.server_address[:2]
+        self.stop()
+        time.sleep(down_s)
+        self.server = _Server(address, self.state)  # type: ignore[arg-type]
+        self.start()
+
+    def wait(self) -> None:
+        """Serve until the process is stopped (restarts included)."""
+        while True:
+            time.sleep(3600)
 
     def __enter__(self) -> Simulator:
         return self.start()

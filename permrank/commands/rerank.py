@@ -5,28 +5,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
-from ..errors import ConfigError
-from ..evaluate import evaluate, read_qrels, run_of
+from ..backends.cache import default_cache_path
+from ..errors import BackendError, ConfigError, EndpointUnavailable
+from ..evaluate import evaluate, read_qrels
 from ..io import (
-    open_text,
+    OutputWriter,
+    iter_output_records,
     ranking_line,
     read_requests,
+    record_docids,
+    record_qid,
+    recover_output,
     trec_lines,
+    trec_lines_of,
     validate_requests,
     write_json_atomic,
 )
 from ..manifest import build_manifest, now
+from ..prompts import render_window
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
-from ..types import Ranking, Request, Usage
+from ..types import Request, Usage
+
+log = logging.getLogger(__name__)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +70,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="retries of a failed request (429, 5xx, timeouts) before giving up (5)",
     )
+    g.add_argument(
+        "--cache",
+        metavar="PATH",
+        help="SQLite file of model answers, shared safely by several runs (default: "
+        "$PERMRANK_CACHE_DIR/cache.sqlite, else ~/.cache/permrank/cache.sqlite)",
+    )
+    g.add_argument("--no-cache", action="store_true", help="ask the model every time")
 
     g = parser.add_argument_group("windows and prompts")
     g.add_argument(
@@ -117,9 +136,18 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        cache=cache_path_of(args),
     )
     options.update(overrides)
     return Reranker(**options)
+
+
+def cache_path_of(args: argparse.Namespace) -> Path | None:
+    """The response cache the flags ask for (``--cache PATH``, ``--no-cache``, or the default)."""
+    if getattr(args, "no_cache", False):
+        return None
+    path = getattr(args, "cache", None)
+    return Path(path) if path else default_cache_path()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -147,6 +175,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a query that fails after retries stops the run (fail, default) or is "
         "written in its input order with the reason (skip)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh; by default a run whose output exists resumes it (queries already "
+        "written are kept, failed ones are asked again)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -171,6 +205,91 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
     ]
 
 
+def check_endpoint(base_url: str, model: str, api_key_env: str, timeout_s: float) -> None:
+    """One probe before the run: is the endpoint up, and does it serve ``model``?
+
+    ``GET {base_url}/models``; an endpoint that does not list its models is let through with a
+    warning. The API key is sent as a header, never shown.
+    """
+    url = base_url.rstrip("/") + "/models"
+    key = os.environ.get(api_key_env)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=min(timeout_s, 10.0))
+    except httpx.HTTPError as exc:
+        raise EndpointUnavailable(
+            f"cannot reach the endpoint {base_url} ({type(exc).__name__}): start the server, "
+            "or check --base-url. Nothing was sent to the model."
+        ) from None
+    if response.status_code in (401, 403):
+        raise EndpointUnavailable(
+            f"{url} refused the API key (HTTP {response.status_code}): put the right key in "
+            f"${api_key_env}, or name another variable with --api-key-env."
+        )
+    try:
+        listed = response.json().get("data") if response.status_code == 200 else None
+    except ValueError:
+        listed = None
+    if not isinstance(listed, list):
+        if response.status_code >= 500:
+            raise EndpointUnavailable(
+                f"{url} answered HTTP {response.status_code}: the server is not ready; "
+                "try again when it is, or check --base-url."
+            )
+        log.warning("%s does not list its models; model %r not checked", base_url, model)
+        return
+    served = [str(m.get("id")) for m in listed if isinstance(m, dict)]
+    owners = {m.get("owned_by") for m in listed if isinstance(m, dict)}
+    if served and model not in served:
+        if owners == {"llamacpp"}:  # llama.cpp answers under any model name
+            log.warning("%s serves %s, asked for %r", base_url, served[0], model)
+            return
+        raise EndpointUnavailable(
+            f"the endpoint {base_url} does not serve model {model!r}; it serves: "
+            f"{', '.join(served[:10])}. Give one of those to --model."
+        )
+
+
+def check_prompt_fits(reranker: Reranker) -> None:
+    """Refuse a window that cannot fit the context, before any call (not at the first window)."""
+    pipeline = reranker.pipeline
+    size = int(getattr(reranker.strategy, "window_size", 20) or 20)
+    render_window(
+        pipeline.template,
+        "query",
+        [("passage", None)] * size,
+        budget=pipeline.budget,
+        tokenizer=pipeline.tokenizer,
+        max_tokens=pipeline.sampling.max_tokens,
+    )
+
+
+def prepare_outputs(args: argparse.Namespace) -> set[str]:
+    """Start afresh (``--overwrite``, or no output yet) or repair a killed run's output; the
+    qids already done. The TREC run is rebuilt from the JSONL, so the two always agree."""
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    if out_path.exists() and not args.overwrite:
+        done, dropped = recover_output(out_path)
+        if dropped:
+            log.warning(
+                "%s: removed %d incomplete or failed line(s) left by an earlier run",
+                out_path,
+                dropped,
+            )
+    else:
+        OutputWriter(out_path, overwrite=True).close()
+    if args.trec:
+        tmp = f"{args.trec}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as trec:
+            if done:
+                for record in iter_output_records(out_path):
+                    trec.write(trec_lines_of(str(record_qid(record)), record_docids(record)))
+        os.replace(tmp, args.trec)
+    return done
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
@@ -182,45 +301,61 @@ def run(args: argparse.Namespace) -> int:
         n_queries = min(n_queries, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
     reranker = reranker_from_args(args, on_error=args.on_error)
+    check_prompt_fits(reranker)
+    check_endpoint(args.base_url, args.model, args.api_key_env, args.timeout)
+    done_before = prepare_outputs(args)
+    if done_before and not args.quiet:
+        print(
+            f"resuming: {len(done_before)} queries already in {args.output} "
+            "(--overwrite starts afresh)",
+            file=sys.stderr,
+        )
     started, t0 = now(), time.perf_counter()
-    rankings: list[Ranking] = []
     totals = Usage()
     failed: dict[str, str] = {}
-    out_path = Path(args.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    trec = open(args.trec, "w", encoding="utf-8") if args.trec else None
+    stopped_by: str | None = None
     done = 0
+    out = OutputWriter(args.output)
+    trec = open(args.trec, "a", encoding="utf-8") if args.trec else None
+    bar = tqdm(total=n_queries, unit="query", disable=args.quiet, file=sys.stderr, desc="rerank")
+    requests = (
+        r
+        for r in limited(read_requests(args.input), args.limit, args.depth)
+        if r.query.qid not in done_before
+    )
+
+    async def go() -> None:
+        nonlocal done
+        try:
+            async for ranking in reranker.astream(requests):
+                out.write(ranking_line(ranking))  # the JSONL first: it is what a resume reads
+                if trec:
+                    trec.write(trec_lines(ranking))
+                    trec.flush()
+                totals.add(ranking.usage)
+                if ranking.error:
+                    failed[ranking.query.qid] = ranking.error
+                done += 1
+                bar.update(1)
+                bar.set_postfix(calls=totals.calls, tokens=totals.total_tokens)
+        finally:
+            await reranker.aclose()
+
     try:
-        with open_text(out_path, "w") as out:
-            bar = tqdm(
-                total=n_queries, unit="query", disable=args.quiet, file=sys.stderr, desc="rerank"
-            )
-
-            async def go() -> None:
-                nonlocal done
-                try:
-                    requests = limited(read_requests(args.input), args.limit, args.depth)
-                    async for ranking in reranker.astream(requests):
-                        out.write(ranking_line(ranking))
-                        out.flush()
-                        if trec:
-                            trec.write(trec_lines(ranking))
-                        totals.add(ranking.usage)
-                        if ranking.error:
-                            failed[ranking.query.qid] = ranking.error
-                        if qrels is not None:
-                            rankings.append(ranking.model_copy(update={"trace": []}))
-                        done += 1
-                        bar.update(1)
-                        bar.set_postfix(calls=totals.calls, tokens=totals.total_tokens)
-                finally:
-                    await reranker.aclose()
-
-            try:
-                asyncio.run(go())
-            finally:
-                bar.close()
+        bar.update(min(len(done_before), n_queries))
+        asyncio.run(go())
+    except BackendError as exc:
+        qid = getattr(exc, "qid", None)
+        if qid is not None:
+            failed[str(qid)] = str(exc)
+        stopped_by = str(exc)
+        raise
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+        raise
     finally:
+        bar.close()
+        out.close()
         if trec:
             trec.close()
         seconds = time.perf_counter() - t0
@@ -239,6 +374,11 @@ def run(args: argparse.Namespace) -> int:
                 "limit": args.limit,
                 "depth": args.depth,
             },
+            extra={
+                "resumed_queries": len(done_before),
+                "stopped_by": stopped_by,
+                "complete": stopped_by is None,
+            },
         )
         write_json_atomic(args.manifest or f"{args.output}.manifest.json", manifest)
     if not args.quiet:
@@ -247,11 +387,19 @@ def run(args: argparse.Namespace) -> int:
         if qrels is not None:
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
-            after = evaluate(run_of(rankings), qrels, ["nDCG@10"])
+            after = evaluate(run_of_output(args.output), qrels, ["nDCG@10"])
             print(f"nDCG@10: {before['nDCG@10']:.4f} before -> {after['nDCG@10']:.4f} after")
         if failed:
             print(f"{len(failed)} queries failed (input order kept): {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def run_of_output(path: str) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    for record in iter_output_records(path):
+        docids = record_docids(record)
+        run[str(record_qid(record))] = {d: float(len(docids) - i) for i, d in enumerate(docids)}
+    return run
 
 
 def run_of_requests(requests: Iterator[Request]) -> dict[str, dict[str, float]]:

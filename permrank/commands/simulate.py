@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from ..simfaults import add_fault_options, faults_from_args
 from ..simulator import Corpus, Noise, Simulator
 
 
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
     p.add_argument("--model", default="permrank-simulator", help="model name it reports")
+    add_fault_options(p)
     p.set_defaults(func=run)
 
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         noise=Noise(swap=args.noise, seed=args.seed),
         latency_s=args.latency,
+        faults=faults_from_args(args),
     )
     sim.state.model = args.model
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        sim.serve_forever()
+        sim.start()
+        sim.wait()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
