@@ -358,7 +358,7 @@ def recover_output(path: str | Path) -> tuple[set[str], int]:
     if rewrite or gz:
         tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
         kept: set[str] = set()
-        with OutputWriter(tmp, overwrite=True) as out:
+        with OutputWriter(tmp, overwrite=True, gz=gz) as out:
             for line, _ in _complete_lines(path):
                 try:
                     record = json.loads(line)
@@ -375,9 +375,16 @@ def recover_output(path: str | Path) -> tuple[set[str], int]:
 class OutputWriter:
     """Append whole lines to a file, each one written at once and synced to disk."""
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False, sync: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        overwrite: bool = False,
+        sync: bool = True,
+        gz: bool | None = None,
+    ):
         self.path = Path(path)
-        self.gz = str(path).endswith(".gz")
+        self.gz = str(path).endswith(".gz") if gz is None else gz
         self.sync = sync
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_APPEND)
         self.fd = os.open(self.path, flags, 0o644)
