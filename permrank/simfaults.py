@@ -118,15 +118,15 @@ class Faults:
             elif n < self.garbage_first:
                 kind = "garbage"
             delay = self.delay_s if (self.delay_first == 0 or n < self.delay_first) else 0.0
+            if delay > 0:
+                self._count("delay")
         if kind is None and self.fail_queries and _query_of(handler, body) in self.fail_queries:
             kind = "fail"
-        if delay > 0:
-            time.sleep(delay)
-            with self._lock:
-                self._count("delay")
         if kind is not None:
             with self._lock:
                 self._count(kind)
+        if delay > 0:
+            time.sleep(delay)
         return kind
 
     def intercept(self, handler: Any, body: dict[str, Any], path: str) -> bool:
