@@ -45,7 +45,10 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
         return InputError(message, path=path, line=line)
 
     if not isinstance(record, dict):
-        raise fail(f"expected a JSON object per line, got {type(record).__name__}")
+        raise fail(
+            f"expected a JSON object per line, got {type(record).__name__}: write each query as "
+            '{"qid": ..., "query": ..., "candidates": [...]}'
+        )
     extras = {k: v for k, v in record.items() if k not in ("qid", "query", "candidates")}
     raw_query = record.get("query")
     if isinstance(raw_query, dict):  # rank_llm's Request layout
@@ -65,16 +68,21 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
         raise fail(f"field {field!r} is missing or empty: every query needs its text")
     raw_candidates = record.get("candidates")
     if not isinstance(raw_candidates, list):
-        raise fail("field 'candidates' is missing or not a list")
+        raise fail(
+            "field 'candidates' is missing or not a list: give the query's candidates as a list "
+            'of {"docid": ..., "text": ...} (an empty list is allowed)'
+        )
     candidates: list[Candidate] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_candidates):
         where = f"candidates[{i}]"
         if not isinstance(raw, dict):
-            raise fail(f"{where} is not an object")
+            raise fail(
+                f'{where} is not an object: write each candidate as {{"docid": ..., "text": ...}}'
+            )
         docid = raw.get("docid")
         if docid is None or str(docid) == "":
-            raise fail(f"{where}.docid is missing")
+            raise fail(f"{where}.docid is missing: give every candidate an id (field 'docid')")
         docid = str(docid)
         if docid in seen:
             raise fail(
@@ -90,7 +98,9 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
                 raise fail(f"{where}.doc is missing: rank_llm's layout keeps the text in 'doc'")
             body = _text_of(doc)
             if not isinstance(body, str):
-                raise fail(f"{where}.doc has no text ('text', 'contents' or 'segment')")
+                raise fail(
+                    f"{where}.doc has no text: put the passage in 'text', 'contents' or 'segment'"
+                )
             data["text"] = body
             data.setdefault("title", doc.get("title"))
         else:
@@ -98,7 +108,10 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
             if body is None:
                 body = _text_of(raw)
             if not isinstance(body, str):
-                raise fail(f"{where}.text is missing or not a string (docid {docid})")
+                raise fail(
+                    f"{where}.text is missing or not a string (docid {docid}): give the passage "
+                    "text as a string"
+                )
             data["text"] = body
         if not data["text"].strip():
             raise fail(f"{where}.text is empty (docid {docid}): give the passage text")
@@ -110,7 +123,9 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
             try:
                 data["score"] = float(score)
             except (TypeError, ValueError):
-                raise fail(f"{where}.score {score!r} is not a number") from None
+                raise fail(
+                    f"{where}.score {score!r} is not a number: give a number or leave it out"
+                ) from None
         candidates.append(Candidate(**data))
     return Request(
         query=Query(qid=str(qid), text=text, **query_extra),
@@ -121,27 +136,26 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line; bytes that are not UTF-8 are refused with the exact
+    line (each line is decoded on its own, so the number is never that of a read-ahead)."""
+    path = str(path)
     try:
-        with open_text(path) as f:
-            lineno = 0
-            while True:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    line = f.readline()
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise InputError(
-                        f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line): "
+                        f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1} of the line): "
                         "convert the file to UTF-8",
-                        path=str(path),
-                        line=lineno + 1,
+                        path=path,
+                        line=lineno,
                     ) from None
-                if not line:
-                    return
-                lineno += 1
                 yield lineno, line
     except FileNotFoundError:
-        raise InputError("no such file", path=str(path)) from None
+        raise InputError("no such file: check the path", path=path) from None
     except (OSError, EOFError) as exc:
-        raise InputError(f"cannot read ({exc})", path=str(path)) from None
+        raise InputError(f"cannot read ({exc})", path=path) from None
 
 
 def read_requests(path: str | Path) -> Iterator[Request]:
