@@ -30,6 +30,7 @@ from typing import Any
 from .errors import InputError
 from .evaluate import read_qrels
 from .io import read_requests
+from .prompts import as_data
 from .tokens import default_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class Corpus:
         for q in queries:
             if q.qid in self.queries:
                 continue
+            # Texts as templates show them (passages are inserted as data, see prompts.as_data).
+            q.text = _norm(as_data(q.text))
+            q.passages = [(d, _norm(as_data(t)), g) for d, t, g in q.passages]
             self.queries[q.qid] = q
             words = tuple(q.text.split()[:3])
             if words:
