@@ -65,98 +65,101 @@ def test_line_not_an_object(sim, capsys, tmp_path):
     assert "write each query as" in err
 
 
-def test_missing_qid(sim, capsys, tmp_path):
+DELETE = object()
+RANK_LLM_BLANK_QUERY = {"query": {"qid": "9", "text": "  "}, "candidates": []}
+RANK_LLM_NO_DOC = {
+    "query": {"qid": "9", "text": "q"},
+    "candidates": [{"docid": "a", "doc": {"segment": "x"}}, {"docid": "b"}],
+}
+# (where in the second record, new value or DELETE, what the message says, what it says to do)
+RECORD_CASES = {
+    "missing qid": (("qid",), DELETE, "field 'qid' is missing", "every query needs an id"),
+    "missing query text": (
+        ("query",),
+        DELETE,
+        "field 'query' is missing or empty",
+        "every query needs its text",
+    ),
+    "blank query text, rank_llm layout": (
+        (),
+        RANK_LLM_BLANK_QUERY,
+        "field 'query.text' is missing or empty",
+        "every query needs its text",
+    ),
+    "candidates not a list": (
+        ("candidates",),
+        {"docid": "1"},
+        "field 'candidates' is missing or not a list",
+        "give the query's candidates as a list",
+    ),
+    "candidate not an object": (
+        ("candidates", 4),
+        "just text",
+        "candidates[4] is not an object",
+        "write each candidate",
+    ),
+    "missing candidate text": (
+        ("candidates", 3, "text"),
+        DELETE,
+        "candidates[3].text is missing or not a string",
+        "give the passage text",
+    ),
+    "empty candidate text": (
+        ("candidates", 0, "text"),
+        " \n ",
+        "candidates[0].text is empty",
+        "give the passage text",
+    ),
+    "missing docid": (
+        ("candidates", 7, "docid"),
+        DELETE,
+        "candidates[7].docid is missing",
+        "give every candidate an id",
+    ),
+    "rank_llm candidate without doc": (
+        (),
+        RANK_LLM_NO_DOC,
+        "candidates[1].doc is missing",
+        "keeps the text in 'doc'",
+    ),
+    "score not a number": (
+        ("candidates", 2, "score"),
+        "high",
+        "candidates[2].score 'high' is not a number",
+        "give a number or leave it out",
+    ),
+    "duplicate docid in one query": (
+        ("candidates", 9, "docid"),
+        "1:same",
+        "candidates[9].docid '1:same' repeats candidates[2]",
+        "remove the duplicate",
+    ),
+}
+
+
+def edited(record: dict, where: tuple, value: object) -> dict:
+    if not where:
+        return value  # type: ignore[return-value]
+    *path, last = where
+    target = record
+    for key in path:
+        target = target[key]
+    if value is DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return record
+
+
+@pytest.mark.parametrize("case", sorted(RECORD_CASES))
+def test_bad_record(sim, capsys, tmp_path, case):
+    where, value, message, advice = RECORD_CASES[case]
     record = good(2)[1]
-    del record["qid"]
-    path = bad_line(tmp_path, record)
+    record["candidates"][2]["docid"] = "1:same"
+    path = bad_line(tmp_path, edited(record, where, value))
     err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: field 'qid' is missing" in err and "every query needs an id" in err
-
-
-def test_missing_query_text(sim, capsys, tmp_path):
-    record = good(2)[1]
-    del record["query"]
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: field 'query' is missing or empty" in err
-    assert "every query needs its text" in err
-
-
-def test_missing_query_text_rank_llm_layout(sim, capsys, tmp_path):
-    record = {"query": {"qid": "9", "text": "  "}, "candidates": []}
-    path = bad_line(tmp_path, record, at=3)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:3: field 'query.text' is missing or empty" in err
-
-
-def test_candidates_not_a_list(sim, capsys, tmp_path):
-    record = {**good(2)[1], "candidates": {"docid": "1"}}
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: field 'candidates' is missing or not a list" in err
-    assert "give the query's candidates as a list" in err
-
-
-def test_candidate_not_an_object(sim, capsys, tmp_path):
-    record = good(2)[1]
-    record["candidates"][4] = "just text"
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: candidates[4] is not an object" in err and "write each candidate" in err
-
-
-def test_missing_candidate_text(sim, capsys, tmp_path):
-    record = good(2)[1]
-    del record["candidates"][3]["text"]
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: candidates[3].text is missing or not a string" in err
-    assert "give the passage text" in err
-
-
-def test_empty_candidate_text(sim, capsys, tmp_path):
-    record = good(2)[1]
-    record["candidates"][0]["text"] = " \n "
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: candidates[0].text is empty" in err and "give the passage text" in err
-
-
-def test_missing_docid(sim, capsys, tmp_path):
-    record = good(2)[1]
-    del record["candidates"][7]["docid"]
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: candidates[7].docid is missing" in err and "give every candidate" in err
-
-
-def test_rank_llm_candidate_without_doc(sim, capsys, tmp_path):
-    record = {
-        "query": {"qid": "9", "text": "q"},
-        "candidates": [{"docid": "a", "doc": {"segment": "x"}}, {"docid": "b"}],
-    }
-    path = bad_line(tmp_path, record, at=1)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:1: candidates[1].doc is missing" in err and "keeps the text in 'doc'" in err
-
-
-def test_score_not_a_number(sim, capsys, tmp_path):
-    record = good(2)[1]
-    record["candidates"][2]["score"] = "high"
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    assert f"{path}:2: candidates[2].score 'high' is not a number" in err
-    assert "give a number or leave it out" in err
-
-
-def test_duplicate_docids_in_one_query(sim, capsys, tmp_path):
-    record = good(2)[1]
-    record["candidates"][9]["docid"] = record["candidates"][2]["docid"]
-    path = bad_line(tmp_path, record)
-    err = refused(sim, capsys, tmp_path, path)
-    docid = record["candidates"][2]["docid"]
-    assert f"{path}:2: candidates[9].docid {docid!r} repeats candidates[2]" in err
-    assert "remove the duplicate" in err
+    assert f"{path}:2: {message}" in err  # the file, the line and the field
+    assert advice in err  # and what to do
 
 
 def test_duplicate_qids(sim, capsys, tmp_path):

@@ -268,6 +268,9 @@ def prepare_outputs(args: argparse.Namespace) -> set[str]:
     """Start afresh (``--overwrite``, or no output yet) or repair a killed run's output; the
     qids already done. The TREC run is rebuilt from the JSONL, so the two always agree."""
     out_path = Path(args.output)
+    for other, flag in ((args.input, "--input"), (args.trec, "--trec")):
+        if other and out_path.resolve() == Path(other).resolve():
+            raise ConfigError(f"--output {args.output} is also {flag}: give another --output")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done: set[str] = set()
     if out_path.exists() and not args.overwrite:
