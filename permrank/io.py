@@ -174,8 +174,9 @@ def read_requests(path: str | Path) -> Iterator[Request]:
         yield parse_request(record, path=str(path), line=lineno)
 
 
-def validate_requests(path: str | Path) -> tuple[int, int]:
-    """Read every request once; refuse bad input before any model call.
+def validate_requests(path: str | Path, limit: int | None = None) -> tuple[int, int]:
+    """Read every request once (the first ``limit`` ones if given); refuse bad input before any
+    model call.
 
     Returns (queries, candidates). Duplicate qids are refused; an empty candidate list is
     allowed (passed through unchanged) with a warning.
@@ -183,6 +184,8 @@ def validate_requests(path: str | Path) -> tuple[int, int]:
     first_line: dict[str, int] = {}
     queries = candidates = 0
     for lineno, line in _lines(path):
+        if limit is not None and queries >= limit:
+            break
         if not line.strip():
             continue
         try:

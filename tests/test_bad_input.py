@@ -306,3 +306,11 @@ def test_unknown_model(sim, capsys, tmp_path):
     assert "does not serve model 'gpt-nonexistent'; it serves: permrank-simulator" in err
     assert "Give one of those to --model" in err
     assert len(sim.recorder.bodies) == before
+
+
+def test_lines_past_the_limit_are_not_read(sim, capsys, tmp_path):
+    path = bad_line(tmp_path, '{"qid": broken')
+    argv = rerank_argv(sim, path, tmp_path / "out.jsonl", tmp_path / "c.sqlite", "--limit", "1")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 1

@@ -300,9 +300,7 @@ def run(args: argparse.Namespace) -> int:
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be at least 1 (got {args.depth})")
     # Everything that can be refused is refused before the first model call.
-    n_queries, _ = validate_requests(args.input)
-    if args.limit is not None:
-        n_queries = min(n_queries, args.limit)
+    n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
     reranker = reranker_from_args(args, on_error=args.on_error)
     check_prompt_fits(reranker)
