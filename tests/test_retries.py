@@ -269,7 +269,7 @@ async def many(backend: OpenAIBackend, count: int) -> list[Any]:
 
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_concurrency_caps_requests_in_flight(server: Server, concurrency: int) -> None:
-    server.script.answer_delay_s = 0.3
+    server.script.answer_delay_s = 0.5
     answers = asyncio.run(many(backend_for(server, concurrency=concurrency), 3 * concurrency + 1))
     assert len(answers) == 3 * concurrency + 1
     assert server.script.max_in_flight == concurrency
@@ -279,18 +279,15 @@ def test_rps_caps_request_rate(server: Server) -> None:
     rps = 10.0
     asyncio.run(many(backend_for(server, concurrency=16, rps=rps), 8))
     arrivals = sorted(server.script.arrivals)
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert len(arrivals) == 8
-    assert arrivals[-1] - arrivals[0] >= 7 / rps * 0.9
-    assert min(gaps) >= 1 / rps * 0.7
+    # Eight requests at 10 a second span at least 0.7 s (a busy machine only makes it longer).
+    assert arrivals[-1] - arrivals[0] >= 7 / rps * 0.85
 
 
 def test_unlimited_rps_is_not_throttled(server: Server) -> None:
-    server.script.answer_delay_s = 0.2
-    started = time.perf_counter()
+    server.script.answer_delay_s = 0.5
     asyncio.run(many(backend_for(server, concurrency=8), 8))
-    assert time.perf_counter() - started < 1.2  # in parallel, not 8 x 0.2 s one after another
-    assert server.script.max_in_flight >= 5
+    assert server.script.max_in_flight >= 5  # in parallel, not one after another
 
 
 @pytest.mark.parametrize(
