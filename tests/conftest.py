@@ -11,7 +11,6 @@ from permrank.simulator import Corpus, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
