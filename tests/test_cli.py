@@ -315,3 +315,65 @@ def test_simulate_command_serves_a_rerank(dl19_5q: Path, tmp_path: Path) -> None
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+class FailQuery:
+    """Simulator fault: every window of one query gets a 503."""
+
+    def __init__(self, query_text: str):
+        self.query_text = query_text
+
+    def intercept(self, handler, body, path) -> bool:
+        if not any(self.query_text in str(m.get("content")) for m in body.get("messages", [])):
+            return False
+        handler._send(503, {"error": {"message": "injected overload"}})
+        return True
+
+
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_a_failing_query(
+    simulator: Simulator,
+    dl19_5q: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    on_error: str,
+) -> None:
+    requests = list(read_requests(dl19_5q / "candidates.jsonl"))
+    broken = requests[2]
+    out = tmp_path / "o.jsonl"
+    simulator.state.faults = FailQuery(broken.query.text)
+    try:
+        code = main(
+            rerank_args(
+                simulator,
+                dl19_5q / "candidates.jsonl",
+                out,
+                "--on-error",
+                on_error,
+                "--max-retries",
+                "1",
+                "--limit",
+                "4",
+            )
+        )
+    finally:
+        simulator.state.faults = None
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    err = capsys.readouterr().err
+    if on_error == "skip":
+        assert code == 1
+        assert [r["qid"] for r in records] == [r.query.qid for r in requests[:4]]
+        failed = records[2]
+        assert "HTTP 503" in failed["error"] and "after 2 attempt(s)" in failed["error"]
+        assert [c["docid"] for c in failed["candidates"]] == [c.docid for c in broken.candidates]
+        assert all("error" not in r for i, r in enumerate(records) if i != 2)
+        assert manifest["totals"]["queries"] == 4
+        assert manifest["totals"]["failed_queries"] == 1
+        assert list(manifest["failed"]) == [broken.query.qid]
+    else:
+        assert code == 2
+        assert "HTTP 503" in err and "/chat/completions" in err
+        # What was finished before the failure is written and accounted for.
+        assert [r["qid"] for r in records] == [r.query.qid for r in requests[:2]]
+        assert manifest["totals"]["queries"] == 2
