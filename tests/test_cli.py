@@ -42,7 +42,7 @@ def requests_made(sim: Simulator) -> int:
 def test_rerank_writes_output_trec_and_manifest(
     simulator: Simulator, dl19_5q: Path, tmp_path: Path
 ) -> None:
-    out, trec = tmp_path / "out" / "reranked.jsonl", tmp_path / "run.trec"
+    out, trec = tmp_path / "out" / "reranked.jsonl", tmp_path / "runs" / "run.trec"
     before = requests_made(simulator)
     code = main(
         rerank_args(
@@ -377,3 +377,13 @@ def test_a_failing_query(
         # What was finished before the failure is written and accounted for.
         assert [r["qid"] for r in records] == [r.query.qid for r in requests[:2]]
         assert manifest["totals"]["queries"] == 2
+
+
+def test_output_over_the_input_is_refused(
+    simulator: Simulator, dl19_5q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes((dl19_5q / "candidates.jsonl").read_bytes())
+    assert main(rerank_args(simulator, source, source)) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert source.read_bytes() == (dl19_5q / "candidates.jsonl").read_bytes()
