@@ -89,6 +89,15 @@ CASES = [
         [1, 0, 2, 4, 3],
         report(wrong_format=True),
     ),
+    ("code fence", "```\n[2] > [1] > [3]\n```", 3, [1, 0, 2], report(wrong_format=True)),
+    ("markdown bold", "**[3] > [2] > [1]**", 3, [2, 1, 0], report(wrong_format=True)),
+    (
+        "an example chain in the chatter is shorter than the answer",
+        "Format like [1] > [2]. My answer: [4] > [2] > [3] > [1]",
+        4,
+        [3, 1, 2, 0],
+        report(wrong_format=True),
+    ),
     # --- reasoning models
     (
         "think block with a fake ranking",
