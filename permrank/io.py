@@ -59,7 +59,8 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
     else:
         layout = "permrank"
         qid, text = record.get("qid"), raw_query
-        query_extra = {}
+        query_extra = extras  # ranking_record writes a query's extras back at the top level
+        extras = {}
         qfield = "qid"
     if qid is None or (isinstance(qid, str) and not qid.strip()):
         raise fail(f"field {qfield!r} is missing: every query needs an id")
@@ -136,19 +137,19 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line; bytes that are not UTF-8 are refused with the exact
-    line (each line is decoded on its own, so the number is never that of a read-ahead)."""
-    path = str(path)
+    # Bytes decoded line by line, so a bad byte is reported on its own line (a text wrapper
+    # decodes ahead, in chunks, and would blame an earlier line).
     try:
-        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise InputError(
-                        f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1} of the line): "
+                        f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line): "
                         "convert the file to UTF-8",
-                        path=path,
+                        path=str(path),
                         line=lineno,
                     ) from None
                 yield lineno, line

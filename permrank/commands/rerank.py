@@ -269,10 +269,11 @@ def prepare_outputs(args: argparse.Namespace) -> set[str]:
     """Start afresh (``--overwrite``, or no output yet) or repair a killed run's output; the
     qids already done. The TREC run is rebuilt from the JSONL, so the two always agree."""
     out_path = Path(args.output)
-    for other, flag in ((args.input, "--input"), (args.trec, "--trec")):
-        if other and out_path.resolve() == Path(other).resolve():
-            raise ConfigError(f"--output {args.output} is also {flag}: give another --output")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.trec and out_path.resolve() == Path(args.trec).resolve():
+        raise ConfigError(f"--output {args.output} is also --trec: give another --trec path")
+    for path in (args.output, args.trec, args.manifest):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     done: set[str] = set()
     if out_path.exists() and not args.overwrite:
         done, dropped = recover_output(out_path)
@@ -300,6 +301,11 @@ def run(args: argparse.Namespace) -> int:
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be at least 1 (got {args.depth})")
     # Everything that can be refused is refused before the first model call.
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ConfigError(
+            f"--output {args.output} is the input file: writing it would destroy the input "
+            "while it is read; choose another output path"
+        )
     n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
     reranker = reranker_from_args(args, on_error=args.on_error)
