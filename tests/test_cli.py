@@ -29,7 +29,7 @@ def rerank_args(sim: Simulator, source: Path, out: Path, *extra: str) -> list[st
         "--base-url",
         sim.base_url,
         "--model",
-        "sim-model",
+        sim.state.model,
         "-q",
         *extra,
     ]
@@ -71,7 +71,7 @@ def test_rerank_writes_output_trec_and_manifest(
 
     manifest = json.loads((tmp_path / "out" / "reranked.jsonl.manifest.json").read_text())
     params = manifest["parameters"]
-    assert params["backend"]["model"] == "sim-model"
+    assert params["backend"]["model"] == "permrank-simulator"
     assert params["backend"]["endpoint"] == simulator.base_url
     template = params["template"]
     assert template["name"] == "rankgpt"
