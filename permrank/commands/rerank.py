@@ -361,6 +361,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stopped_by = "interrupted"
         raise
+    except BaseException as exc:
+        stopped_by = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         bar.close()
         out.close()
