@@ -89,14 +89,22 @@ def start_simulator(candidates: Path, qrels: Path) -> tuple[subprocess.Popen, st
 
 
 def rerank(
-    candidates: Path, qrels: Path, url: str, limit: int, folder: Path, extra: list[str]
+    candidates: Path,
+    qrels: Path,
+    url: str,
+    limit: int,
+    folder: Path,
+    extra: list[str],
+    with_qrels: bool = False,
 ) -> dict:
     """Run ``permrank rerank`` in its own process; its peak RSS (MiB), time and summary."""
     out = folder / f"out-{limit}.jsonl.gz"
     command = [sys.executable, "-m", "permrank", "rerank", "--input", str(candidates)]
     command += ["--output", str(out), "--trec", str(folder / f"out-{limit}.trec")]
     command += ["--base-url", url, "--model", "permrank-simulator", "--limit", str(limit)]
-    command += ["--cache", str(folder / f"cache-{limit}.sqlite"), "--qrels", str(qrels)]
+    command += ["--cache", str(folder / f"cache-{limit}.sqlite")]
+    if with_qrels:  # the evaluation at the end holds every query's run: O(queries) by nature
+        command += ["--qrels", str(qrels)]
     command += extra
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -135,6 +143,11 @@ def main() -> None:
         default="--window-size 20 --step 10 --concurrency 16",
         help="extra arguments of permrank rerank",
     )
+    parser.add_argument(
+        "--with-qrels",
+        action="store_true",
+        help="also print nDCG@10 (its evaluation holds all queries in memory at the end)",
+    )
     args = parser.parse_args()
     small, large = args.sizes
     with tempfile.TemporaryDirectory(prefix="permrank-scale-") as tmp:
@@ -149,7 +162,7 @@ def main() -> None:
         sim, url = start_simulator(candidates, qrels)
         try:
             results = [
-                rerank(candidates, qrels, url, n, folder, args.rerank_args.split())
+                rerank(candidates, qrels, url, n, folder, args.rerank_args.split(), args.with_qrels)
                 for n in (small, large)
             ]
         finally:
