@@ -236,8 +236,10 @@ class _LoopThread:
 class Reranker:
     """Rerank with an LLM: ``Reranker(model, base_url).rank(query, documents)``.
 
-    Options name what they are: ``strategy`` ("sliding" or a Strategy value), ``window_size``,
-    ``step``, ``passes``, ``top_k``, ``prompt`` (a shipped template's name or a TOML path),
+    Options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy value),
+    ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
+    ``top_n`` (tournament, tdpart), ``strategy_options`` (any other strategy parameter, e.g.
+    ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second).
     A ready ``backend`` can be given instead of ``model`` + ``base_url``.
     """
@@ -250,9 +252,11 @@ class Reranker:
         backend: Backend | None = None,
         strategy: str | Strategy = "sliding",
         window_size: int = 20,
-        step: int = 10,
-        passes: int = 1,
+        step: int | None = None,
+        passes: int | None = None,
         top_k: int | None = None,
+        top_n: int | None = None,
+        strategy_options: dict[str, Any] | None = None,
         prompt: str | Template = "rankgpt",
         temperature: float = 0.0,
         seed: int | None = None,
@@ -270,7 +274,13 @@ class Reranker:
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
-                strategy, window_size=window_size, step=step, passes=passes, top_k=top_k
+                strategy,
+                window_size=window_size,
+                step=step,
+                passes=passes,
+                top_k=top_k,
+                top_n=top_n,
+                **(strategy_options or {}),
             )
         self.strategy = strategy
         self.template = prompt if isinstance(prompt, Template) else load_template(prompt)

@@ -1,0 +1,49 @@
+"""Small pure helpers shared by the parallel strategies."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Window
+
+
+def split_evenly(items: list[int], parts: int) -> list[Window]:
+    """``items`` cut into ``parts`` consecutive runs whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    runs, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        runs.append(items[start:end])
+        start = end
+    return [run for run in runs if run]
+
+
+def rank_dropped(levels: list[list[tuple[int, int]]]) -> list[int]:
+    """The order of the candidates a strategy let go, best first.
+
+    ``levels`` holds, for each round, ``(place, candidate)`` pairs: ``place`` is how many
+    candidates of its window were known to be better. A later round's candidates survived longer
+    and come first; within a round, fewer known-better candidates come first (stable).
+    """
+    order: list[int] = []
+    for level in reversed(levels):
+        order.extend(candidate for _, candidate in sorted(level, key=lambda pair: pair[0]))
+    return order
+
+
+def validate_top_n(top_n: int, window_size: int) -> None:
+    if top_n < 1:
+        raise ConfigError(
+            f"top_n must be at least 1 (got {top_n}): it is how many leading "
+            "places the strategy settles, e.g. --top-n 10 for nDCG@10."
+        )
+    if top_n >= window_size:
+        raise ConfigError(
+            f"top_n ({top_n}) must be smaller than window_size ({window_size}): a window must "
+            "hold more candidates than it keeps, or no round can drop one. Use a larger "
+            "--window-size or a smaller --top-n, or the sliding strategy."
+        )
+
+
+def depth_of(n: int, top_k: int | None) -> int:
+    """How many leading candidates are reranked (``top_k`` limits it; the rest keep order)."""
+    return n if top_k is None else min(top_k, n)
