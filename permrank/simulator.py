@@ -59,14 +59,13 @@ class Corpus:
 
     def __init__(self, queries: Iterable[SimQuery]):
         self.queries: dict[str, SimQuery] = {}
-        self._by_words: dict[tuple[str, ...], list[SimQuery]] = {}
         for q in queries:
             if q.qid in self.queries:
                 continue
             self.queries[q.qid] = q
-            words = tuple(q.text.split()[:3])
-            if words:
-                self._by_words.setdefault(words, []).append(q)
+        self._longest_first = sorted(
+            (q for q in self.queries.values() if q.text), key=lambda q: -len(q.text)
+        )
 
     @classmethod
     def from_dir(cls, data: str | Path) -> Corpus:
@@ -101,28 +100,18 @@ class Corpus:
         return cls(queries)
 
     def find_query(self, prompt: str) -> SimQuery | None:
-        """The longest known query whose text is in the (normalised) prompt."""
-        words = prompt.split(" ")
-        best: SimQuery | None = None
-        offsets = []
-        pos = 0
-        for w in words:
-            offsets.append(pos)
-            pos += len(w) + 1
-        for i in range(len(words)):
-            for k in (3, 2, 1):
-                for q in self._by_words.get(tuple(words[i : i + k]), ()):
-                    if len(q.text.split()) < k and k != len(q.text.split()):
-                        continue
-                    if (best is None or len(q.text) > len(best.text)) and prompt.startswith(
-                        q.text, offsets[i]
-                    ):
-                        best = q
-        if best is None:  # query text cut or glued to punctuation: fall back to a scan
-            for q in self.queries.values():
-                if q.text in prompt and (best is None or len(q.text) > len(best.text)):
-                    best = q
-        return best
+        """The longest known query whose text is in the (normalised) prompt at a word start
+        (anywhere, if none is: a query glued to punctuation)."""
+        glued: SimQuery | None = None
+        for q in self._longest_first:
+            position = prompt.find(q.text)
+            if position != -1 and glued is None:
+                glued = q
+            while position != -1:
+                if position == 0 or prompt[position - 1] == " ":
+                    return q
+                position = prompt.find(q.text, position + 1)
+        return glued
 
 
 def _common_prefix(prompt: str, position: int, text: str) -> int:
