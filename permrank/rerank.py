@@ -8,6 +8,7 @@ come out in input order, streamed, with a bounded number of queries in memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -39,6 +40,25 @@ class Sampling:
     """Extra request fields (e.g. a grammar), sent as they are."""
 
 
+class MemoTokenizer:
+    """A tokenizer that remembers its recent answers.
+
+    Windows repeat most of their text: a passage is shown in several windows, and a template's
+    instructions and turn messages are the same in every window. Rendering counts and cuts all of
+    it, so remembering (bounded, least recently used) removes most of the engine's time.
+    """
+
+    def __init__(self, inner: Tokenizer, max_entries: int = 16384):
+        self.inner = inner
+        self.name = inner.name
+        self.count = functools.lru_cache(maxsize=max_entries)(inner.count)  # type: ignore[method-assign]
+        self.truncate = functools.lru_cache(maxsize=max_entries)(inner.truncate)  # type: ignore[method-assign]
+
+
+def memo_tokenizer() -> Tokenizer:
+    return MemoTokenizer(default_tokenizer())
+
+
 @dataclass
 class Pipeline:
     """Everything one query's reranking needs, minus the query."""
@@ -48,7 +68,7 @@ class Pipeline:
     backend: Backend
     sampling: Sampling = field(default_factory=Sampling)
     budget: PromptBudget = field(default_factory=PromptBudget)
-    tokenizer: Tokenizer = field(default_factory=default_tokenizer)
+    tokenizer: Tokenizer = field(default_factory=memo_tokenizer)
     window_extra: Callable[[int], dict[str, Any]] | None = None
     """Per-window extra request fields by window length (constrained decoding)."""
 
@@ -309,7 +329,7 @@ class Reranker:
             budget=PromptBudget(
                 max_passage_tokens=max_passage_tokens, context_window=context_window
             ),
-            tokenizer=tokenizer or default_tokenizer(),
+            tokenizer=MemoTokenizer(tokenizer or default_tokenizer()),
         )
         self._loop: _LoopThread | None = None
 

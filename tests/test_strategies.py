@@ -50,14 +50,15 @@ def noisy_first_stage(n: int, seed: int, spread: float = 15.0) -> list[int]:
 
 
 GUARANTEED = ("tournament", "tdpart")
+VARIANTS = [("tournament", {}), ("tdpart", {}), ("tdpart", {"pair_finish": False})]
 SIZES = [1, 2, 3, 7, 19, 20, 21, 40, 41, 57, 100, 133]
 SHAPES = [(2, 1), (3, 1), (5, 2), (8, 3), (10, 5), (10, 7), (20, 10), (20, 5), (20, 15), (7, 6)]
 
 
-@pytest.mark.parametrize("name", GUARANTEED)
+@pytest.mark.parametrize("name,options", VARIANTS)
 @pytest.mark.parametrize("window_size,top_n", SHAPES)
-def test_perfect_judge_puts_true_top_n_first_in_order(name, window_size, top_n):
-    strategy = get_strategy(name, window_size=window_size, top_n=top_n)
+def test_perfect_judge_puts_true_top_n_first_in_order(name, options, window_size, top_n):
+    strategy = get_strategy(name, window_size=window_size, top_n=top_n, **options)
     for n in SIZES:
         for seed in range(3):
             rank = random_ranks(n, seed) if seed else noisy_first_stage(n, seed)
@@ -125,6 +126,21 @@ def test_tdpart_takes_3_rounds_when_the_first_stage_is_decent():
         slots += sum(len(w) for w in asked)
     assert max(rounds_seen) <= 3
     assert slots / 20 < 0.8 * 180  # fewer passage slots than the sliding window's 180
+
+
+@pytest.mark.parametrize("window_size,top_n", [(20, 10), (20, 5), (10, 3)])
+def test_tdpart_with_pair_finish_never_takes_more_than_3_rounds(window_size, top_n):
+    strategy = get_strategy("tdpart", window_size=window_size, top_n=top_n)
+    repeating = get_strategy("tdpart", window_size=window_size, top_n=top_n, pair_finish=False)
+    more = 0
+    for seed in range(30):
+        rank = random_ranks(100, seed)
+        _, rounds, asked = drive(strategy, 100, perfect_judge(rank))
+        assert rounds <= 3
+        assert all(len(window) <= window_size for window in asked)
+        _, repeat_rounds, _ = drive(repeating, 100, perfect_judge(rank))
+        more += repeat_rounds > 3
+    assert more > 0  # a random first stage beats the pivot often: repeating costs rounds
 
 
 def test_tdpart_needs_no_final_window_when_nobody_beats_the_pivot():

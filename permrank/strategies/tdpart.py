@@ -5,11 +5,16 @@ With ``window_size`` w and ``top_n`` k (< w), over the first ``top_k`` (m) candi
 1. **Pivot.** The first w candidates are ranked in one window. Its k-th best is the *pivot*; its
    best k (the pivot included) stay *candidates*, the others are dropped.
 2. **Partition.** Every other candidate is asked in one round of parallel windows, each holding
-   the pivot first and up to ``w - 1`` others. Those placed above the pivot join the candidates;
-   those below are dropped.
-3. While more than w candidates remain, steps 1-2 repeat on them (two more rounds). Then one
-   final window orders the candidates, unless none beat the pivot: the pivot window's order is
-   then already final (two rounds in all).
+   the pivot first and up to ``w - 1`` others. The best k of those placed above the pivot join
+   the candidates; the rest are dropped. If any candidate beat the pivot, the pivot is dropped
+   too.
+3. If none beat the pivot, the pivot window's order is final (two rounds in all). If at most w
+   candidates remain, one final window orders them (three rounds). If more remain, they form
+   ordered *chains* (the pivot window's best k - 1, and the best of each partition window), and
+   with ``pair_finish`` (the default, when ``2k <= w``) one round of windows over every pair of
+   chains orders them all by the number of the others each beat (a Copeland count, as in the
+   tournament): three rounds at most, at the price of more windows. Without it, steps 1-2 repeat
+   on the candidates (two more rounds each time, fewer windows).
 
 Dropped candidates follow the candidates: those dropped later first, and within a round those
 with fewer known-better candidates first; candidates beyond ``top_k`` keep their input order.
@@ -17,15 +22,18 @@ with fewer known-better candidates first; candidates beyond ``top_k`` keep their
 **Why the true top-k of a perfect judge ends in the top-k.** The pivot has k - 1 candidates above
 it in its window. A candidate that the pivot beats therefore has at least k better ones and is
 not in the true top-k; a candidate dropped from the pivot window has the k candidates above it.
-So every true top-k candidate stays a candidate, and the final window (or the pivot window, when
+A candidate placed k-th or lower in a partition window has k better ones there; the pivot, once
+beaten, has k - 1 better ones in its window and one more. So every true top-k candidate stays a
+candidate, and the final window (or the pivot window, when
 nobody beat the pivot) puts them in true order at the head. Each repetition of steps 1-2 drops at
 least ``w - k`` candidates, so the plan ends for any n, w and k < w.
 
 **Rounds and cost.** For the top-10 of 100 with windows of 20: the pivot window (20 passages),
-5 partition windows (80 passages + 5 pivots) and a final window: 3 rounds and 7 windows, about
-125 passages shown against the sliding window's 9 rounds and 180. The pivot is a candidate of
-rank k in a window of the *first-stage* head, so when the first stage is weak more than w - k
-candidates beat it and a repetition adds two rounds; the number of rounds is reported.
+5 partition windows (80 passages + 5 pivots) and a final window of at most 20: 3 rounds and 7
+windows, about 125 passages shown against the sliding window's 9 rounds and 180. The pivot is
+the k-th of the *first-stage* head, so when the first stage is weak many candidates beat it: the
+pair round then keeps 3 rounds but shows more passages (about 340 when the input order is
+random), and ``pair_finish=False`` shows fewer (about 175) in more rounds (5.5 on average).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from dataclasses import dataclass
 from .base import Plan, check_answer
 from .common import depth_of, rank_dropped, split_evenly, validate_top_n
 from .sliding import validate_top_k
+from .tournament import copeland_order
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class TopDownPartition:
     window_size: int = 20
     top_n: int = 10
     top_k: int | None = None
+    pair_finish: bool = True
     name: str = "tdpart"
 
     def __post_init__(self) -> None:
@@ -62,16 +72,26 @@ class TopDownPartition:
             level = [(place, c) for place, c in enumerate(ranked) if place >= k]
             windows = [[pivot, *part] for part in split_evenly(others, -(-len(others) // (w - 1)))]
             answers = yield windows
-            above: list[int] = []
+            above: list[list[int]] = []  # of each window, its best k of those above the pivot
             for window, answer in zip(windows, answers, strict=True):
                 check_answer(window, answer)
                 cut = list(answer).index(pivot)
-                above.extend(answer[:cut])
+                above.append(list(answer[: min(cut, k)]))
+                level.extend((place, c) for place, c in enumerate(answer[k:cut], start=k))
                 level.extend((k + place, c) for place, c in enumerate(answer[cut + 1 :]))
+            if not any(above):  # nobody beat the pivot: the pivot window's order is final
+                dropped.append(level)
+                return list(ranked[:k]) + rank_dropped(dropped) + rest
+            level.append((k, pivot))  # beaten by k - 1 in its window and by those above it
             dropped.append(level)
-            candidates = list(ranked[:k]) + above
-            if not above:  # nobody beat the pivot: the pivot window's order is final
-                return candidates + rank_dropped(dropped) + rest
+            chains = [chain for chain in [list(ranked[: k - 1]), *above] if chain]
+            candidates = [c for chain in chains for c in chain]
+            if len(candidates) > w and self.pair_finish and 2 * k <= w:
+                pairs = [a + b for i, a in enumerate(chains) for b in chains[i + 1 :]]
+                answers = yield pairs
+                for window, answer in zip(pairs, answers, strict=True):
+                    check_answer(window, answer)
+                return copeland_order(candidates, answers) + rank_dropped(dropped) + rest
         if len(candidates) > 1:
             (final,) = yield [candidates]
             check_answer(candidates, final)
