@@ -9,6 +9,7 @@ import pytest
 
 from permrank.errors import ConfigError
 from permrank.strategies import STRATEGIES, get_strategy, run_plan
+from permrank.strategies.common import cover_pairs
 from permrank.strategies.selfconsistency import borda, kemeny
 from permrank.strategies.tournament import copeland_order
 
@@ -246,6 +247,23 @@ def test_borda_of_one_answer_is_that_answer():
     assert kemeny([0, 1, 2, 3], [[2, 0, 3, 1]]) == [2, 0, 3, 1]
 
 
+def test_cover_pairs_puts_every_two_chains_in_a_window_of_bounded_size():
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths = [rng.randint(1, 10) for _ in range(rng.randint(2, 7))]
+        chains, start = [], 0
+        for length in lengths:
+            chains.append(list(range(start, start + length)))
+            start += length
+        windows = cover_pairs(chains, 20)
+        assert all(len(w) <= 20 for w in windows)
+        for a in range(len(chains)):
+            for b in range(a + 1, len(chains)):
+                assert any(chains[a][0] in w and chains[b][0] in w for w in windows)
+        if sum(lengths) <= 20:
+            assert len(windows) == 1
+
+
 def test_copeland_order_recovers_a_consistent_total_order():
     rank = random_ranks(9, 4)
     judge = perfect_judge(rank)
@@ -260,3 +278,41 @@ def test_every_strategy_is_a_cli_choice():
     for name in STRATEGIES:
         args = parser.parse_args(["rerank", "--input", "x", "--output", "y", "--strategy", name])
         assert args.strategy == name
+
+
+@pytest.mark.slow
+def test_parallel_strategies_through_the_driver_match_sliding_in_fewer_rounds():
+    from pathlib import Path
+
+    from permrank.evaluate import evaluate, read_qrels, run_of
+    from permrank.io import read_requests
+    from permrank.rerank import Reranker
+    from permrank.simulator import Corpus, Simulator
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "dl19-5q"
+    corpus = Corpus.from_files(fixtures / "candidates.jsonl", fixtures / "qrels.txt")
+    qrels = read_qrels(fixtures / "qrels.txt")
+    results: dict[str, tuple[float, int, int, str]] = {}
+    with Simulator(corpus) as sim:
+        for name, options in [
+            ("sliding", {}),
+            ("tdpart", {}),
+            ("tournament", {}),
+            ("selfconsistency", {"strategy_options": {"inner": "tdpart", "shuffles": 2}}),
+        ]:
+            with Reranker("sim", sim.base_url, strategy=name, concurrency=16, **options) as r:
+                requests = list(read_requests(fixtures / "candidates.jsonl"))[:3]
+                rankings = r.rerank_batch(requests)
+                results[name] = (
+                    evaluate(run_of(rankings), qrels, ["nDCG@10"])["nDCG@10"],
+                    max(x.usage.rounds for x in rankings),
+                    sum(x.usage.calls for x in rankings),
+                    r.manifest()["strategy"]["name"],
+                )
+    sliding = results["sliding"]
+    assert sliding[1] == 9
+    for name in ("tdpart", "tournament", "selfconsistency"):
+        assert results[name][0] == pytest.approx(sliding[0], abs=1e-9), name
+        assert results[name][1] <= 3
+        assert results[name][3] == name
+    assert results["selfconsistency"][2] > results["tdpart"][2]  # each window asked twice

@@ -47,3 +47,35 @@ def validate_top_n(top_n: int, window_size: int) -> None:
 def depth_of(n: int, top_k: int | None) -> int:
     """How many leading candidates are reranked (``top_k`` limits it; the rest keep order)."""
     return n if top_k is None else min(top_k, n)
+
+
+def cover_pairs(chains: list[list[int]], window_size: int) -> list[Window]:
+    """Windows, each a union of whole chains of at most ``window_size`` candidates, such that
+    every two chains share at least one window (so every two candidates have been compared).
+
+    Greedy: a window starts with the longest pair of chains not yet together and takes in the
+    chains that would meet the most chains they have not met, while they fit. Any two chains
+    must fit in one window.
+    """
+    apart = {(a, b) for a in range(len(chains)) for b in range(a + 1, len(chains))}
+    windows: list[Window] = []
+    while apart:
+        first = max(apart, key=lambda pair: len(chains[pair[0]]) + len(chains[pair[1]]))
+        members = list(first)
+        size = sum(len(chains[i]) for i in members)
+        while True:
+            gains = {
+                i: sum(1 for j in members if (min(i, j), max(i, j)) in apart)
+                for i in range(len(chains))
+                if i not in members and size + len(chains[i]) <= window_size
+            }
+            fitting = [i for i, gain in gains.items() if gain]
+            if not fitting:
+                break
+            best = max(fitting, key=lambda i: (gains[i], -len(chains[i])))
+            members.append(best)
+            size += len(chains[best])
+        members.sort()
+        apart -= {(a, b) for a in members for b in members if a < b}
+        windows.append([c for i in members for c in chains[i]])
+    return windows

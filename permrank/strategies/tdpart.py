@@ -10,11 +10,12 @@ With ``window_size`` w and ``top_n`` k (< w), over the first ``top_k`` (m) candi
    too.
 3. If none beat the pivot, the pivot window's order is final (two rounds in all). If at most w
    candidates remain, one final window orders them (three rounds). If more remain, they form
-   ordered *chains* (the pivot window's best k - 1, and the best of each partition window), and
-   with ``pair_finish`` (the default, when ``2k <= w``) one round of windows over every pair of
-   chains orders them all by the number of the others each beat (a Copeland count, as in the
-   tournament): three rounds at most, at the price of more windows. Without it, steps 1-2 repeat
-   on the candidates (two more rounds each time, fewer windows).
+   ordered *chains* (the pivot window's best k - 1, and the best of each partition window). With
+   ``pair_finish`` (the default, when ``2k <= w``) one round of windows in which every two chains
+   meet (whole chains packed greedily, at most w candidates a window) orders them all by the
+   number of the others each beat (a Copeland count, as in the tournament): three rounds at
+   most, at the price of more windows. Without it, steps 1-2 repeat on the candidates (two more
+   rounds each time, fewer windows).
 
 Dropped candidates follow the candidates: those dropped later first, and within a round those
 with fewer known-better candidates first; candidates beyond ``top_k`` keep their input order.
@@ -32,7 +33,7 @@ least ``w - k`` candidates, so the plan ends for any n, w and k < w.
 5 partition windows (80 passages + 5 pivots) and a final window of at most 20: 3 rounds and 7
 windows, about 125 passages shown against the sliding window's 9 rounds and 180. The pivot is
 the k-th of the *first-stage* head, so when the first stage is weak many candidates beat it: the
-pair round then keeps 3 rounds but shows more passages (about 340 when the input order is
+pair round then keeps 3 rounds but shows more passages (about 310 when the input order is
 random), and ``pair_finish=False`` shows fewer (about 175) in more rounds (5.5 on average).
 """
 
@@ -41,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Plan, check_answer
-from .common import depth_of, rank_dropped, split_evenly, validate_top_n
+from .common import cover_pairs, depth_of, rank_dropped, split_evenly, validate_top_n
 from .sliding import validate_top_k
 from .tournament import copeland_order
 
@@ -87,7 +88,7 @@ class TopDownPartition:
             chains = [chain for chain in [list(ranked[: k - 1]), *above] if chain]
             candidates = [c for chain in chains for c in chain]
             if len(candidates) > w and self.pair_finish and 2 * k <= w:
-                pairs = [a + b for i, a in enumerate(chains) for b in chains[i + 1 :]]
+                pairs = cover_pairs(chains, w)
                 answers = yield pairs
                 for window, answer in zip(pairs, answers, strict=True):
                     check_answer(window, answer)

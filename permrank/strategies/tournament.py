@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from itertools import zip_longest
 
 from .base import Plan, Window, check_answer
-from .common import depth_of, rank_dropped, split_evenly, validate_top_n
+from .common import cover_pairs, depth_of, rank_dropped, split_evenly, validate_top_n
 from .sliding import validate_top_k
 
 
@@ -111,11 +111,7 @@ class Tournament:
                 return list(answer) + rank_dropped(dropped) + rest
             longest = sorted(len(chain) for chain in chains)[-2:]
             if len(chains) <= 3 and sum(longest) <= w and max(longest) > 1:
-                pairs = [
-                    chains[a] + chains[b]
-                    for a in range(len(chains))
-                    for b in range(a + 1, len(chains))
-                ]
+                pairs = cover_pairs(chains, w)
                 answers = yield pairs
                 for window, answer in zip(pairs, answers, strict=True):
                     check_answer(window, answer)
