@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Window
+from .sliding import validate_top_k
 
 
 def split_evenly(items: list[int], parts: int) -> list[Window]:
@@ -30,7 +31,9 @@ def rank_dropped(levels: list[list[tuple[int, int]]]) -> list[int]:
     return order
 
 
-def validate_top_n(top_n: int, window_size: int) -> None:
+def validate_top_n(top_n: int, window_size: int, top_k: int | None) -> None:
+    """Refuse a ``top_n`` that no round could honour, and a ``top_k`` below 1."""
+    validate_top_k(top_k)
     if top_n < 1:
         raise ConfigError(
             f"top_n must be at least 1 (got {top_n}): it is how many leading "

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 from .base import Plan, check_answer
 from .common import cover_pairs, depth_of, rank_dropped, split_evenly, validate_top_n
-from .sliding import validate_top_k
 from .tournament import copeland_order
 
 
@@ -56,8 +55,7 @@ class TopDownPartition:
     name: str = "tdpart"
 
     def __post_init__(self) -> None:
-        validate_top_n(self.top_n, self.window_size)
-        validate_top_k(self.top_k)
+        validate_top_n(self.top_n, self.window_size, self.top_k)
 
     def plan(self, n: int) -> Plan:
         m = depth_of(n, self.top_k)

@@ -41,7 +41,6 @@ from itertools import zip_longest
 
 from .base import Plan, Window, check_answer
 from .common import cover_pairs, depth_of, rank_dropped, split_evenly, validate_top_n
-from .sliding import validate_top_k
 
 
 def copeland_order(candidates: list[int], answers: list[Window]) -> list[int]:
@@ -92,8 +91,7 @@ class Tournament:
     name: str = "tournament"
 
     def __post_init__(self) -> None:
-        validate_top_n(self.top_n, self.window_size)
-        validate_top_k(self.top_k)
+        validate_top_n(self.top_n, self.window_size, self.top_k)
 
     def plan(self, n: int) -> Plan:
         m = depth_of(n, self.top_k)
