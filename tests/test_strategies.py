@@ -129,7 +129,7 @@ def test_tdpart_takes_3_rounds_when_the_first_stage_is_decent():
     assert slots / 20 < 0.8 * 180  # fewer passage slots than the sliding window's 180
 
 
-@pytest.mark.parametrize("window_size,top_n", [(20, 10), (20, 5), (10, 3)])
+@pytest.mark.parametrize("window_size,top_n", [(20, 10), (20, 5), (25, 8)])
 def test_tdpart_with_pair_finish_never_takes_more_than_3_rounds(window_size, top_n):
     strategy = get_strategy("tdpart", window_size=window_size, top_n=top_n)
     repeating = get_strategy("tdpart", window_size=window_size, top_n=top_n, pair_finish=False)

@@ -11,11 +11,11 @@ With ``window_size`` w and ``top_n`` k (< w), over the first ``top_k`` (m) candi
 3. If none beat the pivot, the pivot window's order is final (two rounds in all). If at most w
    candidates remain, one final window orders them (three rounds). If more remain, they form
    ordered *chains* (the pivot window's best k - 1, and the best of each partition window). With
-   ``pair_finish`` (the default, when ``2k <= w``) one round of windows in which every two chains
-   meet (whole chains packed greedily, at most w candidates a window) orders them all by the
-   number of the others each beat (a Copeland count, as in the tournament): three rounds at
-   most, at the price of more windows. Without it, steps 1-2 repeat on the candidates (two more
-   rounds each time, fewer windows).
+   ``pair_finish`` (the default, when ``2k <= w`` and there are at most 8 chains) one round of
+   windows in which every two chains meet (whole chains packed greedily, at most w candidates a
+   window) orders them all by the number of the others each beat (a Copeland count, as in the
+   tournament): three rounds at most, at the price of more windows. Otherwise steps 1-2 repeat
+   on the candidates (two more rounds each time, fewer windows).
 
 Dropped candidates follow the candidates: those dropped later first, and within a round those
 with fewer known-better candidates first; candidates beyond ``top_k`` keep their input order.
@@ -44,6 +44,10 @@ from dataclasses import dataclass
 from .base import Plan, check_answer
 from .common import cover_pairs, depth_of, rank_dropped, split_evenly, validate_top_n
 from .tournament import copeland_order
+
+MAX_PAIR_CHAINS = 8
+"""More chains than this repeat the pivot step instead: their pair round would take too many
+windows (w = 20, k = 10 makes at most 6 chains from 100 candidates)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ class TopDownPartition:
             dropped.append(level)
             chains = [chain for chain in [list(ranked[: k - 1]), *above] if chain]
             candidates = [c for chain in chains for c in chain]
-            if len(candidates) > w and self.pair_finish and 2 * k <= w:
+            pair_round = self.pair_finish and 2 * k <= w and len(chains) <= MAX_PAIR_CHAINS
+            if len(candidates) > w and pair_round:
                 pairs = cover_pairs(chains, w)
                 answers = yield pairs
                 for window, answer in zip(pairs, answers, strict=True):
