@@ -8,6 +8,7 @@ come out in input order, streamed, with a bounded number of queries in memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -47,6 +48,25 @@ class Sampling:
     """Extra request fields (e.g. a grammar), sent as they are."""
 
 
+class MemoTokenizer:
+    """A tokenizer that remembers its recent answers.
+
+    Windows repeat most of their text: a passage is shown in several windows, and a template's
+    instructions and turn messages are the same in every window. Rendering counts and cuts all of
+    it, so remembering (bounded, least recently used) removes most of the engine's time.
+    """
+
+    def __init__(self, inner: Tokenizer, max_entries: int = 16384):
+        self.inner = inner
+        self.name = inner.name
+        self.count = functools.lru_cache(maxsize=max_entries)(inner.count)  # type: ignore[method-assign]
+        self.truncate = functools.lru_cache(maxsize=max_entries)(inner.truncate)  # type: ignore[method-assign]
+
+
+def memo_tokenizer() -> Tokenizer:
+    return MemoTokenizer(default_tokenizer())
+
+
 @dataclass
 class Pipeline:
     """Everything one query's reranking needs, minus the query."""
@@ -56,7 +76,7 @@ class Pipeline:
     backend: Backend
     sampling: Sampling = field(default_factory=Sampling)
     budget: PromptBudget = field(default_factory=PromptBudget)
-    tokenizer: Tokenizer = field(default_factory=default_tokenizer)
+    tokenizer: Tokenizer = field(default_factory=memo_tokenizer)
     window_extra: Callable[[int], dict[str, Any]] | None = None
     """Per-window extra request fields by window length (constrained decoding)."""
 
@@ -271,8 +291,10 @@ class _LoopThread:
 class Reranker:
     """Rerank with an LLM: ``Reranker(model, base_url).rank(query, documents)``.
 
-    Options name what they are: ``strategy`` ("sliding" or a Strategy value), ``window_size``,
-    ``step``, ``passes``, ``top_k``, ``prompt`` (a shipped template's name or a TOML path),
+    Options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy value),
+    ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
+    ``top_n`` (tournament, tdpart), ``strategy_options`` (any other strategy parameter, e.g.
+    ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default).
     A ready ``backend`` can be given instead of ``model`` + ``base_url``.
@@ -286,9 +308,11 @@ class Reranker:
         backend: Backend | None = None,
         strategy: str | Strategy = "sliding",
         window_size: int = 20,
-        step: int = 10,
-        passes: int = 1,
+        step: int | None = None,
+        passes: int | None = None,
         top_k: int | None = None,
+        top_n: int | None = None,
+        strategy_options: dict[str, Any] | None = None,
         prompt: str | Template = "rankgpt",
         temperature: float = 0.0,
         seed: int | None = None,
@@ -307,7 +331,13 @@ class Reranker:
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
-                strategy, window_size=window_size, step=step, passes=passes, top_k=top_k
+                strategy,
+                window_size=window_size,
+                step=step,
+                passes=passes,
+                top_k=top_k,
+                top_n=top_n,
+                **(strategy_options or {}),
             )
         self.strategy = strategy
         self.template = prompt if isinstance(prompt, Template) else load_template(prompt)
@@ -340,7 +370,7 @@ class Reranker:
             budget=PromptBudget(
                 max_passage_tokens=max_passage_tokens, context_window=context_window
             ),
-            tokenizer=tokenizer or default_tokenizer(),
+            tokenizer=MemoTokenizer(tokenizer or default_tokenizer()),
         )
         self._loop: _LoopThread | None = None
 

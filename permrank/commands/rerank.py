@@ -86,8 +86,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="how windows are planned and merged (sliding)",
     )
     g.add_argument("--window-size", type=int, default=20, help="passages per window (20)")
-    g.add_argument("--step", type=int, default=10, help="how far the window moves (10)")
-    g.add_argument("--passes", type=int, default=1, help="sliding passes (1)")
+    g.add_argument("--step", type=int, default=None, help="sliding: how far the window moves (10)")
+    g.add_argument("--passes", type=int, default=None, help="sliding: passes (1)")
+    g.add_argument(
+        "--early-stop",
+        action="store_true",
+        default=None,
+        help="sliding: stop the passes when one leaves the top unchanged",
+    )
+    g.add_argument(
+        "--top-n",
+        type=int,
+        default=None,
+        help="tournament, tdpart: leading places guaranteed under a perfect judge (10)",
+    )
+    g.add_argument(
+        "--shuffles",
+        type=int,
+        default=None,
+        help="selfconsistency: orders each window is asked in (3)",
+    )
+    g.add_argument(
+        "--aggregate",
+        choices=("borda", "kemeny"),
+        default=None,
+        help="selfconsistency: how the shuffled answers are combined (borda)",
+    )
+    g.add_argument(
+        "--inner",
+        choices=sorted(set(STRATEGIES) - {"selfconsistency"}),
+        default=None,
+        help="selfconsistency: the strategy whose windows are shuffled (sliding)",
+    )
     g.add_argument(
         "--top-k", type=int, default=None, help="rerank only the first K candidates (default: all)"
     )
@@ -125,6 +155,12 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         step=args.step,
         passes=args.passes,
         top_k=args.top_k,
+        top_n=args.top_n,
+        strategy_options={
+            key: value
+            for key in ("early_stop", "shuffles", "aggregate", "inner")
+            if (value := getattr(args, key)) is not None
+        },
         prompt=args.prompt,
         temperature=args.temperature,
         seed=args.seed,
