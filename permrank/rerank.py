@@ -8,6 +8,7 @@ come out in input order, streamed, with a bounded number of queries in memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -51,6 +52,8 @@ class Pipeline:
     tokenizer: Tokenizer = field(default_factory=default_tokenizer)
     window_extra: Callable[[int], dict[str, Any]] | None = None
     """Per-window extra request fields by window length (constrained decoding)."""
+    answer_text: Callable[[str], str] | None = None
+    """Turns a raw answer into the text parsed (a constrained JSON answer into ``[i] > [j]``)."""
 
 
 async def ask_window(
@@ -77,7 +80,8 @@ async def ask_window(
         seed=pipeline.sampling.seed,
         extra=extra or None,
     )
-    permutation, report = parse_permutation(completion.text, len(window))
+    text = pipeline.answer_text(completion.text) if pipeline.answer_text else completion.text
+    permutation, report = parse_permutation(text, len(window))
     trace = WindowTrace(
         round=round_index,
         docids=[request.candidates[i].docid for i in window],
@@ -239,7 +243,9 @@ class Reranker:
     Options name what they are: ``strategy`` ("sliding" or a Strategy value), ``window_size``,
     ``step``, ``passes``, ``top_k``, ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second).
-    A ready ``backend`` can be given instead of ``model`` + ``base_url``.
+    A ready ``backend`` can be given instead of ``model`` + ``base_url``. ``constrain``
+    ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints) forces every
+    answer into the ``[i] > [j] > ...`` shape (``permrank.constrain``).
     """
 
     def __init__(
@@ -267,6 +273,7 @@ class Reranker:
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
+        constrain: str | None = None,
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
@@ -301,6 +308,14 @@ class Reranker:
             ),
             tokenizer=tokenizer or default_tokenizer(),
         )
+        self.constrain = constrain
+        if constrain:
+            from .constrain import json_answer_as_ranking, window_fields
+
+            window_fields(constrain, 1)  # refuses an unknown mode now
+            self.pipeline.window_extra = functools.partial(window_fields, constrain)
+            if constrain == "json":
+                self.pipeline.answer_text = json_answer_as_ranking
         self._loop: _LoopThread | None = None
 
     # -- one query ---------------------------------------------------------------------------
@@ -349,6 +364,7 @@ class Reranker:
             },
             "budget": vars(self.pipeline.budget),
             "tokenizer": self.pipeline.tokenizer.name,
+            "constrain": self.constrain,
             "on_error": self.on_error,
         }
 

