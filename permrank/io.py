@@ -55,7 +55,8 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
     else:
         layout = "permrank"
         qid, text = record.get("qid"), raw_query
-        query_extra = {}
+        query_extra = extras  # ranking_record writes a query's extras back at the top level
+        extras = {}
         qfield = "qid"
     if qid is None or (isinstance(qid, str) and not qid.strip()):
         raise fail(f"field {qfield!r} is missing: every query needs an id")
@@ -120,22 +121,21 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    # Bytes decoded line by line, so a bad byte is reported on its own line (a text wrapper
+    # decodes ahead, in chunks, and would blame an earlier line).
     try:
-        with open_text(path) as f:
-            lineno = 0
-            while True:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    line = f.readline()
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise InputError(
                         f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line): "
                         "convert the file to UTF-8",
                         path=str(path),
-                        line=lineno + 1,
+                        line=lineno,
                     ) from None
-                if not line:
-                    return
-                lineno += 1
                 yield lineno, line
     except FileNotFoundError:
         raise InputError("no such file", path=str(path)) from None

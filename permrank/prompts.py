@@ -208,27 +208,32 @@ def render_window(
     query = tokenizer.truncate(query, budget.max_query_tokens)
 
     def cut(limit: int) -> list[tuple[str, str | None]]:
-        return [
-            (tokenizer.truncate(text, limit), tokenizer.truncate(title, limit) if title else title)
-            for text, title in passages
-        ]
+        """Each passage to ``limit`` tokens, title included (a title takes at most half)."""
+        out = []
+        for text, title in passages:
+            if title:
+                title = tokenizer.truncate(title, limit // 2)
+                text = tokenizer.truncate(text, max(0, limit - tokenizer.count(title)))
+            else:
+                text = tokenizer.truncate(text, limit)
+            out.append((text, title))
+        return out
 
     messages = template.render(query, cut(budget.max_passage_tokens))
     available = budget.context_window - max_tokens
     if count_message_tokens(messages, tokenizer) <= available:
         return messages
     overhead = count_message_tokens(template.render(query, [("", None)] * len(passages)), tokenizer)
-    share = (available - overhead) // max(1, len(passages))
-    if share < 8:
-        raise TemplateError(
-            f"a window of {len(passages)} passages does not fit a context of "
-            f"{budget.context_window} tokens with template {template.name!r} (the template "
-            f"alone takes {overhead} tokens and the answer {max_tokens}); use a smaller "
-            "--window-size or a larger --context-window"
-        )
-    messages = template.render(query, cut(min(share, budget.max_passage_tokens)))
+    share = min((available - overhead) // max(1, len(passages)), budget.max_passage_tokens)
     # Token counts are not additive across cuts at the edges: trim until it fits.
-    while count_message_tokens(messages, tokenizer) > available and share > 8:
-        share -= max(1, share // 10)
+    while share >= 8:
         messages = template.render(query, cut(share))
-    return messages
+        if count_message_tokens(messages, tokenizer) <= available:
+            return messages
+        share -= max(1, share // 10)
+    raise TemplateError(
+        f"a window of {len(passages)} passages does not fit a context of "
+        f"{budget.context_window} tokens with template {template.name!r} (the template "
+        f"alone takes {overhead} tokens and the answer {max_tokens}); use a smaller "
+        "--window-size or a larger --context-window"
+    )

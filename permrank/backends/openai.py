@@ -106,12 +106,23 @@ class OpenAIBackend:
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._throttler: Throttler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _ensure(self) -> openai.AsyncOpenAI:
-        if self._client is None:
+        # A client, its connections and its limits belong to one event loop: a new loop (each
+        # asyncio.run, or the sync API's own loop after an async call) gets its own.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._loop = loop
             key = os.environ.get(self.api_key_env) or "EMPTY"
             self._client = openai.AsyncOpenAI(
-                base_url=self.endpoint, api_key=key, max_retries=0, timeout=self.timeout_s
+                base_url=self.endpoint,
+                api_key=key,
+                max_retries=0,
+                timeout=self.timeout_s,
+                # openai's default wrapper closes itself on the running loop when collected,
+                # which fails noisily once a client of a finished loop is dropped.
+                http_client=openai.DefaultAsyncHttpxClient(timeout=self.timeout_s),
             )
             self._semaphore = asyncio.Semaphore(self.concurrency)
             if self.rps is not None:
@@ -216,5 +227,6 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.close()
+            if self._loop is asyncio.get_running_loop():  # else its loop is gone, and with it
+                await self._client.close()
             self._client = None

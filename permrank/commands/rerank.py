@@ -282,6 +282,11 @@ def run(args: argparse.Namespace) -> int:
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be at least 1 (got {args.depth})")
     # Everything that can be refused is refused before the first model call.
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ConfigError(
+            f"--output {args.output} is the input file: writing it would destroy the input "
+            "while it is read; choose another output path"
+        )
     n_queries, _ = validate_requests(args.input)
     if args.limit is not None:
         n_queries = min(n_queries, args.limit)
@@ -303,6 +308,9 @@ def rerank_file(
     failed: dict[str, str] = {}
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (args.trec, args.manifest):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     trec = open(args.trec, "w", encoding="utf-8") if args.trec else None
     done = 0
     try:
