@@ -79,6 +79,8 @@ class Pipeline:
     tokenizer: Tokenizer = field(default_factory=memo_tokenizer)
     window_extra: Callable[[int], dict[str, Any]] | None = None
     """Per-window extra request fields by window length (constrained decoding)."""
+    answer_text: Callable[[str], str] | None = None
+    """Turns a raw answer into the text parsed (a constrained JSON answer into ``[i] > [j]``)."""
 
 
 async def ask_window(
@@ -129,7 +131,8 @@ async def ask_window(
         completion.completion_tokens += first.completion_tokens
         completion.latency_s += first.latency_s
         attempts = 2
-    permutation, report = parse_permutation(completion.text, len(window))
+    text = pipeline.answer_text(completion.text) if pipeline.answer_text else completion.text
+    permutation, report = parse_permutation(text, len(window))
     trace = WindowTrace(
         round=round_index,
         docids=[request.candidates[i].docid for i in window],
@@ -298,6 +301,8 @@ class Reranker:
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default).
     A ready ``backend`` can be given instead of ``model`` + ``base_url``.
+    ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
+    forces every answer into the ``[i] > [j] > ...`` shape (``permrank.constrain``).
     """
 
     def __init__(
@@ -328,6 +333,7 @@ class Reranker:
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
         cache: str | Path | None = None,
+        constrain: str | None = None,
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
@@ -372,6 +378,14 @@ class Reranker:
             ),
             tokenizer=MemoTokenizer(tokenizer or default_tokenizer()),
         )
+        self.constrain = constrain
+        if constrain:
+            from .constrain import json_answer_as_ranking, window_fields
+
+            window_fields(constrain, 1)  # refuses an unknown mode now
+            self.pipeline.window_extra = functools.partial(window_fields, constrain)
+            if constrain == "json":
+                self.pipeline.answer_text = json_answer_as_ranking
         self._loop: _LoopThread | None = None
 
     # -- one query ---------------------------------------------------------------------------
@@ -420,6 +434,7 @@ class Reranker:
             },
             "budget": vars(self.pipeline.budget),
             "tokenizer": self.pipeline.tokenizer.name,
+            "constrain": self.constrain,
             "on_error": self.on_error,
         }
 

@@ -283,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "id": state.model,
                             "object": "model",
                             "owned_by": "permrank",
-                            "max_model_len": 131072,
+                            "max_model_len": 8192,
                         }
                     ],
                 },
