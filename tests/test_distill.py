@@ -311,3 +311,18 @@ def test_a_finished_run_asks_the_teacher_nothing_more(dl20_simulator, dl20_label
     assert dl20_simulator.state.requests == asked
     stats = json.loads((dl20_labels / "stats.json").read_text())
     assert stats["records"]["listwise"] == 108
+
+
+def test_the_core_install_pulls_no_torch() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("torch")]
+    assert "torch==2.13.0" in project["optional-dependencies"]["train"]
+    code = (
+        "import sys, permrank, permrank.cli, permrank.distill, permrank.commands.distill\n"
+        "permrank.cli.build_parser()\n"
+        "assert 'torch' not in sys.modules, 'torch imported by the core'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
