@@ -9,9 +9,10 @@ up to three formats:
 - ``pairwise``: (query, pos, neg, rank gap) pairs, ``pos`` ranked above ``neg`` by the teacher,
   sampled by rules (``top``: all pairs among the top m; ``adjacent``: neighbours in the teacher
   order; ``random``: each of the top m against seeded random candidates below rank r);
-- ``grouped``: ``{"query", "pos": [...], "neg": [...], "pos_scores", "neg_scores"}``, the JSONL
-  layout FlagEmbedding's reranker trainer reads (``pos``/``neg`` are lists of passage texts; the
-  scores come from teacher ranks and are used by its knowledge-distillation mode).
+- ``grouped``: ``{"query", "pos": [...], "neg": [...]}``, the JSONL layout FlagEmbedding's
+  reranker trainer reads (``pos``/``neg`` are lists of passage texts: the teacher's top P, and N
+  negatives drawn from below them); optionally ``pos_scores``/``neg_scores`` (scores from the
+  teacher's ranks, for its knowledge-distillation mode) and ``prompt``.
 
 Records go to sharded JSONL files (``listwise-00000.jsonl``, ...) of at most ``shard_size``
 records. A query's records are appended, flushed and synced, and only then is the query
@@ -85,6 +86,9 @@ class GroupSampling:
     """Negatives come from ranks below this one (default: right after the positives)."""
     prompt: str | None = None
     """FlagEmbedding's optional ``prompt`` field (LLM rerankers), written when given."""
+    scores: bool = False
+    """Also write ``pos_scores``/``neg_scores`` (from teacher ranks), for FlagEmbedding's
+    knowledge-distillation mode."""
 
     def check(self) -> None:
         if self.positives < 1 or self.negatives < 1:
@@ -242,7 +246,7 @@ def group_ranks(n: int, sampling: GroupSampling, rng: random.Random) -> tuple[li
 
 
 def grouped_record(
-    ranking: Ranking, positives: Sequence[int], negatives: Sequence[int], prompt: str | None
+    ranking: Ranking, positives: Sequence[int], negatives: Sequence[int], sampling: GroupSampling
 ) -> dict[str, Any]:
     """One FlagEmbedding group from 0-based teacher ranks of positives and negatives."""
     n = len(ranking.candidates)
@@ -250,11 +254,12 @@ def grouped_record(
         "query": ranking.query.text,
         "pos": [ranking.candidates[i].text for i in positives],
         "neg": [ranking.candidates[i].text for i in negatives],
-        "pos_scores": [rank_score(i + 1, n) for i in positives],
-        "neg_scores": [rank_score(i + 1, n) for i in negatives],
     }
-    if prompt is not None:
-        record["prompt"] = prompt
+    if sampling.scores:
+        record["pos_scores"] = [rank_score(i + 1, n) for i in positives]
+        record["neg_scores"] = [rank_score(i + 1, n) for i in negatives]
+    if sampling.prompt is not None:
+        record["prompt"] = sampling.prompt
     return record
 
 
@@ -324,7 +329,7 @@ def query_labels(
             positives, negatives = group_ranks(len(ranking.candidates), options.groups, rng)
             if positives and negatives:  # FlagEmbedding needs at least one of each
                 records["grouped"].append(
-                    grouped_record(ranking, positives, negatives, options.groups.prompt)
+                    grouped_record(ranking, positives, negatives, options.groups)
                 )
                 if group_agreement is not None and grades is not None:
                     for i in positives:

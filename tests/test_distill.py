@@ -142,6 +142,20 @@ def read_records_file(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
+def test_grouped_records_are_flagembedding_groups_by_default() -> None:
+    ranking = toy_ranking("q", n=6)
+    options = LabelOptions(groups=GroupSampling(positives=1, negatives=3, negatives_below=2))
+    (group,) = query_labels([ranking], [ranking.docids], options).records["grouped"]
+    assert set(group) == {"query", "pos", "neg"}
+    assert group["query"] == "query q"
+    assert group["pos"] == ["passage q 0"]
+    assert set(group["neg"]) <= {f"passage q {i}" for i in range(2, 6)}
+    assert len(set(group["neg"])) == 3
+    # A list too short for any negative gives no group (FlagEmbedding needs one of each).
+    short = toy_ranking("s", n=1)
+    assert query_labels([short], [short.docids], options).records["grouped"] == []
+
+
 def test_other_options_are_refused_on_resume(tmp_path: Path) -> None:
     LabelStore.open(tmp_path, LabelOptions(shard_size=5)).close()
     with pytest.raises(ConfigError, match="shard_size"):
@@ -186,6 +200,9 @@ def distill_args(sim: Simulator, out: Path, *extra: str) -> list[str]:
         "2",
         "--group-negatives",
         "7",
+        "--group-scores",
+        "--group-prompt",
+        "Is the passage relevant to the query?",
         "--shard-size",
         "400",
         "-q",
@@ -235,7 +252,7 @@ def test_every_pair_and_group_follows_the_teacher_order(dl20_labels: Path) -> No
     # One group per teacher run, in the listwise records' order: FlagEmbedding's fields only.
     assert len(groups) == len(listwise)
     for group, record in zip(groups, listwise, strict=True):
-        assert set(group) == {"query", "pos", "neg", "pos_scores", "neg_scores"}
+        assert set(group) == {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt"}
         assert group["query"] == record["query"]
         texts = [c["text"] for c in record["candidates"]]
         assert group["pos"] == texts[:2]
@@ -243,6 +260,7 @@ def test_every_pair_and_group_follows_the_teacher_order(dl20_labels: Path) -> No
         assert all(isinstance(t, str) for t in group["pos"] + group["neg"])
         assert min(group["pos_scores"]) > max(group["neg_scores"])
         assert len(group["pos_scores"]) == 2 and len(group["neg_scores"]) == 7
+        assert group["prompt"] == "Is the passage relevant to the query?"
 
 
 def test_stats_count_the_records_on_disk(dl20_labels: Path) -> None:

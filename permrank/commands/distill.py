@@ -111,6 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "positives)",
     )
     g.add_argument("--group-prompt", default=None, help="FlagEmbedding's optional prompt field")
+    g.add_argument(
+        "--group-scores",
+        action="store_true",
+        help="also write pos_scores/neg_scores (teacher rank scores: n for the first, 1 for the "
+        "last) for FlagEmbedding's knowledge distillation",
+    )
     add_model_options(p)
     if "--method" not in p._option_string_actions:
         p.add_argument(
@@ -138,6 +144,7 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
             negatives=args.group_negatives,
             negatives_below=args.group_negatives_below,
             prompt=args.group_prompt,
+            scores=args.group_scores,
         ),
     )
     options.check()
