@@ -81,6 +81,17 @@ def weights_folder() -> Path:
 # -- the student --------------------------------------------------------------------------------
 
 
+def run_layers(layers: Any, config: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Apply some of the encoder's layers to hidden states (padding masked out)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    attention = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in layers:
+        out = layer(hidden, attention)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
 class FrozenBottom:
     """The frozen lower layers of the encoder; their outputs are computed once per pair."""
 
@@ -106,8 +117,15 @@ class FrozenBottom:
                 padding=True,
                 return_tensors="pt",
             )
-            out = self.model(**encoded, output_hidden_states=True)
-            hidden = out.hidden_states[self.split]
+            hidden = self.model.embeddings(
+                input_ids=encoded["input_ids"], token_type_ids=encoded.get("token_type_ids")
+            )
+            hidden = run_layers(
+                self.model.encoder.layer[: self.split],
+                self.model.config,
+                hidden,
+                encoded["attention_mask"],
+            )
             lengths = encoded["attention_mask"].sum(dim=1)
             for pair, states, length in zip(batch, hidden, lengths, strict=True):
                 self.cache[pair] = states[: int(length)].clone()
@@ -134,14 +152,7 @@ class StudentTop(nn.Module):
         self.head = nn.Linear(self.config.hidden_size, 1)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
-
-        attention = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=mask
-        )
-        for layer in self.layers:
-            out = layer(hidden, attention)
-            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = run_layers(self.layers, self.config, hidden, mask)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
         return self.head(pooled).squeeze(-1)
@@ -323,7 +334,8 @@ def main() -> int:
 
     layers = AutoConfig.from_pretrained(folder).num_hidden_layers
     bottom = FrozenBottom(folder, layers - args.trainable_layers, args.max_length)
-    train_pairs = [(q, p) for q, ps in lists + groups for p in ps]
+    needed = (lists if set(losses) - {"grouped"} else []) + (groups if "grouped" in losses else [])
+    train_pairs = [(q, p) for q, ps in needed for p in ps]
     bottom.fill(train_pairs, desc="frozen layers, DL20 pairs")
     bottom.fill(
         [(q, text) for q, ps in eval_queries.values() for _, text in ps],
