@@ -156,12 +156,19 @@ def ragged(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return scores, labels
 
 
+def padded(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ragged lists of ``ragged(seed)`` padded: scores, labels, mask."""
+    scores, labels = ragged(seed)
+    padded_scores, mask = pad_lists(scores)
+    padded_labels, _ = pad_lists(labels)
+    return padded_scores, padded_labels, mask
+
+
 @pytest.mark.parametrize("name", sorted(LIST_LOSSES))
 def test_padding_changes_nothing(name: str) -> None:
     loss = LIST_LOSSES[name]
     scores, labels = ragged(0)
-    padded_scores, mask = pad_lists(scores)
-    padded_labels, _ = pad_lists(labels)
+    padded_scores, padded_labels, mask = padded(0)
     one_by_one = sum(float(loss(s, y)) for s, y in zip(scores, labels, strict=True)) / len(scores)
     assert math.isclose(float(loss(padded_scores, padded_labels, mask)), one_by_one, rel_tol=1e-9)
     # Whatever the padding holds, the loss is the same and the padding gets no gradient.
@@ -204,9 +211,7 @@ def test_shapes_are_checked() -> None:
 @pytest.mark.parametrize("name", sorted(LIST_LOSSES))
 def test_gradients_match_finite_differences(name: str) -> None:
     loss = LIST_LOSSES[name]
-    scores, labels = ragged(1)
-    padded_scores, mask = pad_lists(scores)
-    padded_labels, _ = pad_lists(labels)
+    padded_scores, padded_labels, mask = padded(1)
     # Scores far apart, so no finite-difference step reorders them (LambdaLoss's weights depend
     # on the current ranks, constant between ties).
     spread = (
