@@ -90,8 +90,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "top M; adjacent = each candidate and the next; random = each of the top M against "
         "--pair-samples random candidates below rank R (default: top)",
     )
-    g.add_argument("--pair-top", type=int, default=10, metavar="M", help="M (10)")
-    g.add_argument("--pair-below", type=int, default=20, metavar="R", help="R (20)")
+    g.add_argument(
+        "--pair-top", type=int, default=10, metavar="M", help="the top M of the rules (10)"
+    )
+    g.add_argument(
+        "--pair-below",
+        type=int,
+        default=20,
+        metavar="R",
+        help="random negatives come from below rank R (20)",
+    )
     g.add_argument(
         "--pair-samples", type=int, default=5, help="random negatives per top candidate (5)"
     )
