@@ -546,8 +546,8 @@ def summarize(
     if judged_queries:
         stats["qrels_agreement"] = {
             "queries": judged_queries,
-            "pairs": {**pairs, "share": _share(pairs)},
-            "groups": {**groups, "share": _share(groups)},
+            **({"pairs": {**pairs, "share": _share(pairs)}} if "pairwise" in records else {}),
+            **({"groups": {**groups, "share": _share(groups)}} if "grouped" in records else {}),
             "note": "among exported (better, worse) pairs whose two passages are both judged "
             "and have different grades: the share the teacher ordered as the qrels do "
             "(groups: every positive against every negative)",

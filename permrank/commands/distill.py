@@ -280,11 +280,12 @@ def run(args: argparse.Namespace) -> int:
             f"records: {records}"
         )
         agreement = stats.get("qrels_agreement")
-        if agreement and agreement["pairs"]["share"] is not None:
-            print(
-                f"agreement with qrels: {agreement['pairs']['share']:.3f} of "
-                f"{agreement['pairs']['judged']} judged pairs"
-            )
+        for kind in ("pairs", "groups"):
+            if agreement and kind in agreement and agreement[kind]["share"] is not None:
+                print(
+                    f"agreement with qrels ({kind}): {agreement[kind]['share']:.3f} of "
+                    f"{agreement[kind]['judged']} judged (better, worse) pairs"
+                )
         if failed:
             print(f"{len(failed)} queries failed (rerun to retry them): {', '.join(failed)}")
     return 1 if failed else 0
