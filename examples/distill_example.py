@@ -235,7 +235,7 @@ def make_labels(data: Path, out: Path, args: argparse.Namespace) -> dict[str, An
                 "simulated-teacher",
                 "--depth",
                 str(args.label_depth),
-                "--shuffles",
+                "--augment",
                 str(args.shuffles),
                 "--formats",
                 "listwise,grouped",

@@ -186,7 +186,7 @@ def distill_args(sim: Simulator, out: Path, *extra: str) -> list[str]:
         "teacher",
         "--depth",
         "30",
-        "--shuffles",
+        "--augment",
         "1",
         "--pairs",
         "top,adjacent,random",

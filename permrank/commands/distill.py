@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "distill",
         help="make training labels from a teacher's rankings (listwise, pairwise, grouped)",
-        description="A teacher LLM reranks every query (in its input order and in --shuffles "
+        description="A teacher LLM reranks every query (in its input order and in --augment "
         "seeded shuffled orders); its rankings are written to DIR as sharded JSONL: "
         "listwise-*.jsonl (teacher order + every window's permutation), pairwise-*.jsonl "
         "(query, pos, neg, rank gap) and grouped-*.jsonl (FlagEmbedding's reranker layout: "
@@ -56,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shard-size", type=int, default=10_000, help="records per shard file (10000)")
     p.add_argument(
-        "--shuffles",
+        "--augment",
+        "--input-shuffles",
+        dest="augment_shuffles",
         type=int,
         default=0,
         metavar="K",
@@ -139,7 +141,7 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
     options = LabelOptions(
         formats=_names(args.formats),
         shard_size=args.shard_size,
-        shuffles=args.shuffles,
+        shuffles=args.augment_shuffles,
         seed=args.label_seed,
         pairs=PairSampling(
             rules=_names(args.pairs),
