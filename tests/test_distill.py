@@ -183,7 +183,7 @@ def distill_args(sim: Simulator, out: Path, *extra: str) -> list[str]:
         "--base-url",
         sim.base_url,
         "--model",
-        "teacher",
+        "permrank-simulator",
         "--depth",
         "30",
         "--augment",
