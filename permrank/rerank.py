@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .backends.base import Backend
 from .errors import BackendError, ConfigError
@@ -23,6 +23,9 @@ from .prompts import PromptBudget, Template, answer_tokens, load_template, rende
 from .strategies import Strategy, get_strategy
 from .tokens import Tokenizer, default_tokenizer
 from .types import Candidate, Query, Ranking, Request, Usage, WindowTrace
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class Pipeline:
     tokenizer: Tokenizer = field(default_factory=default_tokenizer)
     window_extra: Callable[[int], dict[str, Any]] | None = None
     """Per-window extra request fields by window length (constrained decoding)."""
+    method: Method | None = None
+    """A scoring method other than the generated permutation (see ``permrank.methods``)."""
 
 
 async def ask_window(
@@ -105,8 +110,21 @@ def usage_of(trace: Sequence[WindowTrace], rounds: int) -> Usage:
     return usage
 
 
+AskWindow = Callable[
+    [Pipeline, Request, list[int], int],
+    Awaitable[tuple[list[int], WindowTrace | list[WindowTrace]]],
+]
+
+
 async def rerank_request(pipeline: Pipeline, request: Request) -> Ranking:
     """Rerank one query. Raises ``BackendError`` if a window cannot be answered."""
+    if pipeline.method is not None:
+        return await pipeline.method.rerank(pipeline, request)
+    return await drive_strategy(pipeline, request, ask_window)
+
+
+async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -> Ranking:
+    """Run the pipeline's strategy for one query, each window answered by ``ask``."""
     started = time.perf_counter()
     trace: list[WindowTrace] = []
     plan = pipeline.strategy.plan(len(request.candidates))
@@ -115,11 +133,11 @@ async def rerank_request(pipeline: Pipeline, request: Request) -> Ranking:
         batch = next(plan)
         while True:
             answers = await asyncio.gather(
-                *(ask_window(pipeline, request, window, rounds) for window in batch)
+                *(ask(pipeline, request, window, rounds) for window in batch)
             )
             rounds += 1
             for _, window_trace in answers:
-                trace.append(window_trace)
+                trace.extend(window_trace if isinstance(window_trace, list) else [window_trace])
             batch = plan.send([order for order, _ in answers])
     except StopIteration as stop:
         order: list[int] = stop.value
@@ -267,6 +285,8 @@ class Reranker:
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
+        method: str | Method = "listwise",
+        method_options: dict[str, Any] | None = None,
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
@@ -289,6 +309,11 @@ class Reranker:
         self.backend = backend
         self.concurrency = concurrency
         self.on_error: OnError = on_error
+        if isinstance(method, str):
+            from .methods import get_method
+
+            method = get_method(method, **{"top_k": top_k, **(method_options or {})})
+        self.method = method
         self.pipeline = Pipeline(
             strategy=self.strategy,
             template=self.template,
@@ -300,6 +325,7 @@ class Reranker:
                 max_passage_tokens=max_passage_tokens, context_window=context_window
             ),
             tokenizer=tokenizer or default_tokenizer(),
+            method=method,
         )
         self._loop: _LoopThread | None = None
 
@@ -350,6 +376,7 @@ class Reranker:
             "budget": vars(self.pipeline.budget),
             "tokenizer": self.pipeline.tokenizer.name,
             "on_error": self.on_error,
+            "method": self.method.describe() if self.method else {"name": "listwise"},
         }
 
     def _sync(self, coro: Awaitable[Any]) -> Any:

@@ -120,6 +120,9 @@ class WindowTrace(BaseModel):
     completion_tokens: int = 0
     latency_s: float = 0.0
     cached: bool = False
+    score: float | None = None
+    """The relevance score or preference a scoring method read from logprobs (pointwise,
+    likelihood, pairwise); None for a generated permutation."""
 
 
 class Ranking(BaseModel):

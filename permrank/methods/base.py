@@ -1,0 +1,174 @@
+"""What every scoring method shares: the protocol, one way to call the endpoint, traces.
+
+A method is a value a user names (``get_method("pointwise", normalisation="softmax")``) with
+one coroutine, ``rerank(pipeline, request) -> Ranking``. Methods that score each passage alone
+(pointwise yes/no, query likelihood) implement ``score(pipeline, query, candidate)`` and leave
+the ordering to ``rerank_by_scores``. Every request goes through ``backend.request(route, body)``
+so a Backend wrapper (a cache, a recorder) sees and can answer it like any chat completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from ..errors import ConfigError
+from ..types import Candidate, Query, Ranking, RepairReport, Request, WindowTrace
+
+if TYPE_CHECKING:
+    from ..rerank import Pipeline
+
+Route = Literal["chat", "completions"]
+ROUTES = {"chat": "/chat/completions", "completions": "/completions"}
+
+
+class Method(Protocol):
+    name: str
+
+    async def rerank(self, pipeline: Pipeline, request: Request) -> Ranking: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class PassageScorer(Protocol):
+    """Scores one passage for one query; higher is more relevant."""
+
+    name: str
+    top_k: int | None
+
+    async def score(
+        self, pipeline: Pipeline, query: Query, candidate: Candidate
+    ) -> tuple[float, list[WindowTrace]]: ...
+
+
+@dataclass
+class Call:
+    """One answered request: the first choice, what it cost, whether it came from a cache."""
+
+    answer: dict[str, Any]
+    choice: dict[str, Any]
+    route: str
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+
+
+async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
+    """POST ``body`` (model, temperature, seed and extra fields added) through the backend."""
+    backend = pipeline.backend
+    request = getattr(backend, "request", None)
+    if request is None:
+        raise ConfigError(
+            f"backend {type(backend).__name__} cannot send raw requests (no request(route, "
+            "body)); scoring methods other than listwise need an OpenAI-compatible backend"
+        )
+    sampling = pipeline.sampling
+    full = {"model": backend.model, "temperature": sampling.temperature, **body}
+    if sampling.seed is not None:
+        full["seed"] = sampling.seed
+    full.update(sampling.extra)
+    answer, latency = await request(route, full)
+    choice = (answer.get("choices") or [{}])[0] or {}
+    usage = answer.get("usage") or {}
+    return Call(
+        answer=answer,
+        choice=choice,
+        route=route,
+        latency_s=latency,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cached=bool(answer.get("cached") or answer.get("_cached")),
+    )
+
+
+def prompt_body(route: Route, text: str, *, max_tokens: int, top_logprobs: int) -> dict[str, Any]:
+    """A request asking for ``max_tokens`` tokens after ``text`` with their top logprobs."""
+    if route == "chat":
+        return {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "logprobs": True,
+            "top_logprobs": top_logprobs,
+        }
+    return {"prompt": text, "max_tokens": max_tokens, "logprobs": top_logprobs}
+
+
+def answer_text(c: Call) -> str:
+    if "message" in c.choice:
+        return str((c.choice.get("message") or {}).get("content") or "")
+    return str(c.choice.get("text") or "")
+
+
+def trace_of(
+    c: Call,
+    *,
+    round_index: int,
+    docids: list[str],
+    answer: str,
+    permutation: list[int],
+    repair: RepairReport | None = None,
+    score: float | None = None,
+) -> WindowTrace:
+    """One trace entry per call, so that usage counts every call."""
+    return WindowTrace(
+        round=round_index,
+        docids=docids,
+        answer=answer,
+        permutation=permutation,
+        repair=repair or RepairReport(),
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        latency_s=c.latency_s,
+        cached=c.cached,
+        score=score,
+    )
+
+
+def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def check_top_k(top_k: int | None) -> None:
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be at least 1 (got {top_k}); leave it out for all")
+
+
+def cut(pipeline: Pipeline, text: str, title: str | None = None) -> str:
+    """A passage (with its title) cut to the budget's ``max_passage_tokens``."""
+    limit = pipeline.budget.max_passage_tokens
+    body = pipeline.tokenizer.truncate(text, limit)
+    return f"{pipeline.tokenizer.truncate(title, limit)}: {body}" if title else body
+
+
+def ranking_of(
+    request: Request, order: list[int], trace: list[WindowTrace], rounds: int, started: float
+) -> Ranking:
+    from ..rerank import usage_of
+
+    return Ranking(
+        query=request.query,
+        candidates=[request.candidates[i] for i in order],
+        trace=trace,
+        usage=usage_of(trace, rounds),
+        seconds=time.perf_counter() - started,
+        layout=request.layout,
+    )
+
+
+async def rerank_by_scores(scorer: PassageScorer, pipeline: Pipeline, request: Request) -> Ranking:
+    """Score the first ``top_k`` candidates at once; order them by score (ties keep input
+    order), the rest follow in input order."""
+    started = time.perf_counter()
+    n = len(request.candidates)
+    m = n if scorer.top_k is None else min(scorer.top_k, n)
+    results = await asyncio.gather(
+        *(scorer.score(pipeline, request.query, c) for c in request.candidates[:m])
+    )
+    scores = [s for s, _ in results]
+    order = sorted(range(m), key=lambda i: (-scores[i], i)) + list(range(m, n))
+    trace = [t for _, traces in results for t in traces]
+    return ranking_of(request, order, trace, 1 if m else 0, started)
