@@ -24,6 +24,7 @@ from ..io import (
     write_json_atomic,
 )
 from ..manifest import build_manifest, now
+from ..methods import METHOD_NAMES
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
 from ..types import Ranking, Request, Usage
@@ -90,6 +91,46 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="the model's context in tokens; prompts are fitted to it (8192)",
     )
 
+    g = parser.add_argument_group("scoring method")
+    g.add_argument(
+        "--method",
+        default="listwise",
+        choices=METHOD_NAMES,
+        help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
+        "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
+        "pairwise (A-or-B comparisons, PRP)",
+    )
+    g.add_argument(
+        "--yes-score",
+        choices=("softmax", "logprob", "vocab"),
+        help="pointwise: softmax over yes/no (default), the yes logprob, or P(yes) over the vocab",
+    )
+    g.add_argument(
+        "--likelihood-mode",
+        choices=("auto", "echo", "prompt_logprobs", "forced"),
+        help="likelihood: how prompt logprobs are read (auto: echo, else llama.cpp's forced "
+        "token grammar; prompt_logprobs: vLLM)",
+    )
+    g.add_argument(
+        "--pairwise",
+        choices=("allpairs", "sliding", "heap"),
+        help="pairwise: how comparisons are chosen and merged (heap)",
+    )
+    g.add_argument(
+        "--pairwise-k", type=int, help="pairwise sliding/heap: places sorted at the top (10)"
+    )
+    g.add_argument(
+        "--top-logprobs",
+        type=int,
+        help="alternatives asked per answer token (pointwise/first 20, pairwise 5)",
+    )
+    g.add_argument(
+        "--route",
+        choices=("chat", "completions"),
+        help="pointwise/first/pairwise: ask /chat/completions (default) or /completions "
+        "(base models)",
+    )
+
 
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     if not args.base_url or not args.model:
@@ -117,9 +158,40 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        method=args.method,
+        method_options=method_options_of(args),
     )
     options.update(overrides)
     return Reranker(**options)
+
+
+METHOD_FLAGS = {
+    "yes_score": "normalisation",
+    "likelihood_mode": "mode",
+    "pairwise": "aggregation",
+    "pairwise_k": "k",
+    "top_logprobs": "top_logprobs",
+    "route": "route",
+}
+
+
+def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The scoring-method options given on the command line (a flag the method does not take
+    is refused, naming the flag)."""
+    from ..methods import METHODS
+
+    fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
+    options = {}
+    for flag, option in METHOD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if option not in fields:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} does not apply to --method {args.method}"
+            )
+        options[option] = value
+    return options
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -66,10 +66,12 @@ def beats(first: int, second: int, preference: float) -> bool:
 def allpairs_plan(m: int) -> PairPlan:
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
     preferences = yield pairs
-    score = [0.0] * m
+    won: list[list[float]] = [[] for _ in range(m)]
     for (i, j), p in zip(pairs, preferences, strict=True):
-        score[i] += p
-        score[j] += 1.0 - p
+        won[i].append(p)
+        won[j].append(1.0 - p)
+    # Scores equal to 9 decimals are ties (1 - (1 - p) is not always p in floating point).
+    score = [round(math.fsum(w), 9) for w in won]
     return sorted(range(m), key=lambda i: (-score[i], i))
 
 
