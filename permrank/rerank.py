@@ -14,18 +14,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from .backends.base import Backend
 from .errors import BackendError, ConfigError
+from .methods.base import Method
 from .parse import parse_permutation
 from .prompts import PromptBudget, Template, answer_tokens, load_template, render_window
 from .strategies import Strategy, get_strategy
 from .tokens import Tokenizer, default_tokenizer
 from .types import Candidate, Query, Ranking, Request, Usage, WindowTrace
-
-if TYPE_CHECKING:
-    from .methods import Method
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +270,8 @@ class Reranker:
         passes: int = 1,
         top_k: int | None = None,
         prompt: str | Template = "rankgpt",
+        method: str | Method = "listwise",
+        method_options: dict[str, Any] | None = None,
         temperature: float = 0.0,
         seed: int | None = None,
         max_tokens: int | None = None,
@@ -285,8 +285,6 @@ class Reranker:
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
-        method: str | Method = "listwise",
-        method_options: dict[str, Any] | None = None,
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
