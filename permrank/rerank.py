@@ -313,6 +313,7 @@ class Reranker:
             method = get_method(method, **{"top_k": top_k, **(method_options or {})})
         self.method = method
         self.pipeline = Pipeline(
+            method=method,
             strategy=self.strategy,
             template=self.template,
             backend=backend,
@@ -323,7 +324,6 @@ class Reranker:
                 max_passage_tokens=max_passage_tokens, context_window=context_window
             ),
             tokenizer=tokenizer or default_tokenizer(),
-            method=method,
         )
         self._loop: _LoopThread | None = None
 

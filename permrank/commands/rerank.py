@@ -24,7 +24,6 @@ from ..io import (
     write_json_atomic,
 )
 from ..manifest import build_manifest, now
-from ..methods import METHOD_NAMES
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
 from ..types import Ranking, Request, Usage
@@ -91,6 +90,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="the model's context in tokens; prompts are fitted to it (8192)",
     )
 
+    from ..methods import METHOD_NAMES
+
     g = parser.add_argument_group("scoring method")
     g.add_argument(
         "--method",
@@ -148,6 +149,8 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         passes=args.passes,
         top_k=args.top_k,
         prompt=args.prompt,
+        method=args.method,
+        method_options=method_options_of(args),
         temperature=args.temperature,
         seed=args.seed,
         max_tokens=args.max_tokens,
@@ -158,40 +161,9 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
-        method=args.method,
-        method_options=method_options_of(args),
     )
     options.update(overrides)
     return Reranker(**options)
-
-
-METHOD_FLAGS = {
-    "yes_score": "normalisation",
-    "likelihood_mode": "mode",
-    "pairwise": "aggregation",
-    "pairwise_k": "k",
-    "top_logprobs": "top_logprobs",
-    "route": "route",
-}
-
-
-def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The scoring-method options given on the command line (a flag the method does not take
-    is refused, naming the flag)."""
-    from ..methods import METHODS
-
-    fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
-    options = {}
-    for flag, option in METHOD_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        if option not in fields:
-            raise ConfigError(
-                f"--{flag.replace('_', '-')} does not apply to --method {args.method}"
-            )
-        options[option] = value
-    return options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -332,3 +304,32 @@ def run_of_requests(requests: Iterator[Request]) -> dict[str, dict[str, float]]:
         n = len(r.candidates)
         run[r.query.qid] = {c.docid: float(n - i) for i, c in enumerate(r.candidates)}
     return run
+
+
+METHOD_FLAGS = {
+    "yes_score": "normalisation",
+    "likelihood_mode": "mode",
+    "pairwise": "aggregation",
+    "pairwise_k": "k",
+    "top_logprobs": "top_logprobs",
+    "route": "route",
+}
+
+
+def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The scoring-method options given on the command line (a flag the method does not take
+    is refused, naming the flag)."""
+    from ..methods import METHODS
+
+    fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
+    options = {}
+    for flag, option in METHOD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if option not in fields:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} does not apply to --method {args.method}"
+            )
+        options[option] = value
+    return options
