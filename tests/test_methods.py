@@ -175,6 +175,21 @@ def test_a_backend_wrapper_sees_and_can_answer_every_method_request(sim, request
         assert again.usage.cached_calls == first.usage.calls
 
 
+def test_method_answers_are_kept_in_the_response_cache(sim, requests20, tmp_path):
+    pytest.importorskip("permrank.backends.cache")  # the reliability work's SQLite cache
+    path = tmp_path / "cache.sqlite"
+    for method in ("pointwise", "likelihood", "first", "pairwise"):
+        runs = []
+        for _ in range(2):
+            with Reranker("sim", sim.base_url, method=method, top_k=6, cache=path) as reranker:
+                runs.append(reranker.rerank_batch(requests20[:1])[0])
+        first, again = runs
+        assert first.docids == again.docids
+        assert first.usage.calls > 0 and again.usage.calls == 0, method
+        assert again.usage.cached_calls == first.usage.calls
+        assert again.usage.prompt_tokens == first.usage.prompt_tokens  # counts kept
+
+
 class NoLogprobs(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length") or 0))

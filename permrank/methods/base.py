@@ -10,12 +10,14 @@ so a Backend wrapper (a cache, a recorder) sees and can answer it like any chat 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import ConfigError
-from ..types import Candidate, Query, Ranking, RepairReport, Request, WindowTrace
+from ..types import Candidate, Completion, Query, Ranking, RepairReport, Request, WindowTrace
 
 if TYPE_CHECKING:
     from ..rerank import Pipeline
@@ -56,8 +58,24 @@ class Call:
     cached: bool
 
 
-async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
-    """POST ``body`` (model, temperature, seed and extra fields added) through the backend."""
+def request_key(endpoint: str, model: str, route: str, body: dict[str, Any]) -> str:
+    """SHA-256 of everything that decides a raw request's answer (canonical JSON)."""
+    material = {"endpoint": endpoint, "model": model, "route": route, "body": body}
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "request:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+async def send(
+    pipeline: Pipeline, route: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], float, bool]:
+    """POST ``body`` to ``route`` through the backend: (JSON answer, latency, from cache).
+
+    When the backend keeps a response cache (``backend.cache`` with ``get(key)`` and
+    ``put(key, model, Completion)``, as ``permrank.backends.cache.CachingBackend`` does), the
+    whole JSON answer is kept in it under a key of the endpoint, model, route and body, so a
+    repeated run asks nothing again. A wrapper may also answer ``request`` itself and mark the
+    answer ``"cached": true``.
+    """
     backend = pipeline.backend
     request = getattr(backend, "request", None)
     if request is None:
@@ -65,12 +83,35 @@ async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
             f"backend {type(backend).__name__} cannot send raw requests (no request(route, "
             "body)); scoring methods other than listwise need an OpenAI-compatible backend"
         )
+    cache = getattr(backend, "cache", None)
+    if not (callable(getattr(cache, "get", None)) and callable(getattr(cache, "put", None))):
+        cache = None
+    key = request_key(getattr(backend, "endpoint", ""), backend.model, route, body)
+    if cache is not None:
+        found = cache.get(key)
+        if found is not None:
+            return json.loads(found.text), 0.0, True
+    answer, latency = await request(route, body)
+    if cache is not None:
+        usage = answer.get("usage") or {}
+        kept = Completion(
+            text=json.dumps(answer, ensure_ascii=False),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+        cache.put(key, backend.model, kept)
+    return answer, latency, bool(answer.get("cached"))
+
+
+async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
+    """Send ``body`` with the model, temperature, seed and extra fields added; the first
+    choice and its cost."""
     sampling = pipeline.sampling
-    full = {"model": backend.model, "temperature": sampling.temperature, **body}
+    full = {"model": pipeline.backend.model, "temperature": sampling.temperature, **body}
     if sampling.seed is not None:
         full["seed"] = sampling.seed
     full.update(sampling.extra)
-    answer, latency = await request(route, full)
+    answer, latency, cached = await send(pipeline, route, full)
     choice = (answer.get("choices") or [{}])[0] or {}
     usage = answer.get("usage") or {}
     return Call(
@@ -80,7 +121,7 @@ async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
         latency_s=latency,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        cached=bool(answer.get("cached") or answer.get("_cached")),
+        cached=cached,
     )
 
 

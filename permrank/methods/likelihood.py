@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError
 from ..types import Candidate, Query, Ranking, Request, WindowTrace
-from .base import Call, call, check_choice, check_top_k, cut, rerank_by_scores, trace_of
+from .base import Call, call, check_choice, check_top_k, cut, rerank_by_scores, send, trace_of
 from .logprobs import (
     LogprobsUnavailable,
     TokenLogprob,
@@ -165,8 +165,7 @@ class Likelihood:
         root = server_root(getattr(pipeline.backend, "endpoint", ""))
         ids = self._token_ids.get(target)
         if ids is None:
-            request = pipeline.backend.request  # type: ignore[attr-defined]
-            answer, _ = await request(f"{root}/tokenize", {"content": target})
+            answer, _, _ = await send(pipeline, f"{root}/tokenize", {"content": target})
             ids = [t["id"] if isinstance(t, dict) else int(t) for t in answer.get("tokens") or []]
             if not ids:
                 raise BackendError(f"{root}/tokenize returned no tokens for {target!r}")
