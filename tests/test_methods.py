@@ -226,7 +226,8 @@ def test_cli_method_flag(sim, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     argv = ["rerank", "--input", str(DL19_3Q20 / "candidates.jsonl"), "--output", str(out)]
     argv += ["--qrels", str(DL19_3Q20 / "qrels.txt"), "--base-url", sim.base_url]
-    argv += ["--model", "sim", "--method", "pairwise", "--pairwise", "heap", "--pairwise-k", "3"]
+    argv += ["--model", sim.state.model, "--method", "pairwise"]
+    argv += ["--pairwise", "heap", "--pairwise-k", "3"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     before, after = re.search(r"nDCG@10: ([\d.]+) before -> ([\d.]+) after", printed).groups()
