@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import ConfigError
 from ..types import Candidate, Completion, Query, Ranking, RepairReport, Request, WindowTrace
+from .logprobs import TokenLogprob, generated_tokens, require_logprobs
 
 if TYPE_CHECKING:
     from ..rerank import Pipeline
@@ -135,6 +136,28 @@ def prompt_body(route: Route, text: str, *, max_tokens: int, top_logprobs: int) 
             "top_logprobs": top_logprobs,
         }
     return {"prompt": text, "max_tokens": max_tokens, "logprobs": top_logprobs}
+
+
+async def ask_tokens(
+    pipeline: Pipeline,
+    method: str,
+    route: Route,
+    text: str,
+    *,
+    max_tokens: int,
+    top_logprobs: int,
+    completion_suffix: str = "",
+) -> tuple[Call, list[TokenLogprob]]:
+    """Ask ``text`` as a user message (``chat``) or a raw prompt with ``completion_suffix``
+    (``completions``); the call and its generated tokens. Refuses an answer without logprobs."""
+    if route == "completions":
+        text += completion_suffix
+    body = prompt_body(route, text, max_tokens=max_tokens, top_logprobs=top_logprobs)
+    c = await call(pipeline, ROUTES[route], body)
+    tokens = generated_tokens(c.choice)
+    endpoint = getattr(pipeline.backend, "endpoint", "")
+    require_logprobs(tokens, endpoint=endpoint, route=ROUTES[route], method=method)
+    return c, tokens
 
 
 def answer_text(c: Call) -> str:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..types import Ranking, RepairReport, Request, WindowTrace
-from .base import ROUTES, Route, answer_text, call, check_choice, cut, prompt_body, trace_of
-from .logprobs import answer_position, generated_tokens, merged_logprob, require_logprobs
+from .base import Route, answer_text, ask_tokens, check_choice, cut, trace_of
+from .logprobs import answer_position, merged_logprob
 
 if TYPE_CHECKING:
     from ..rerank import Pipeline
@@ -68,17 +68,15 @@ class First:
             for label, i in zip(labels, window, strict=True)
         )
         text = self.prompt.format(num=len(window), query=request.query.text, passages=passages)
-        if self.route == "completions":
-            text += COMPLETION_SUFFIX
-        route = ROUTES[self.route]
-        c = await call(
+        c, tokens = await ask_tokens(
             pipeline,
-            route,
-            prompt_body(self.route, text, max_tokens=1, top_logprobs=self.top_logprobs),
+            self.name,
+            self.route,
+            text,
+            max_tokens=1,
+            top_logprobs=self.top_logprobs,
+            completion_suffix=COMPLETION_SUFFIX,
         )
-        tokens = generated_tokens(c.choice)
-        endpoint = getattr(pipeline.backend, "endpoint", "")
-        require_logprobs(tokens, endpoint=endpoint, route=route, method=self.name)
         wanted = {label.casefold() for label in labels}
         position = answer_position(tokens, lambda word: word in wanted)
         docids = [request.candidates[i].docid for i in window]

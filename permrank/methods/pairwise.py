@@ -25,23 +25,19 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 from ..types import Ranking, RepairReport, Request, WindowTrace
 from .base import (
-    ROUTES,
     Route,
     answer_text,
-    call,
+    ask_tokens,
     check_choice,
     check_top_k,
     cut,
-    prompt_body,
     ranking_of,
     trace_of,
 )
 from .logprobs import (
     answer_position,
     floor_logprob,
-    generated_tokens,
     merged_logprob,
-    require_logprobs,
 )
 
 if TYPE_CHECKING:
@@ -203,14 +199,14 @@ class Pairwise:
             passage_a=cut(pipeline, ca.text, ca.title),
             passage_b=cut(pipeline, cb.text, cb.title),
         )
-        route = ROUTES[self.route]
-        body = prompt_body(
-            self.route, text, max_tokens=self.max_tokens, top_logprobs=self.top_logprobs
+        c, tokens = await ask_tokens(
+            pipeline,
+            self.name,
+            self.route,
+            text,
+            max_tokens=self.max_tokens,
+            top_logprobs=self.top_logprobs,
         )
-        c = await call(pipeline, route, body)
-        tokens = generated_tokens(c.choice)
-        endpoint = getattr(pipeline.backend, "endpoint", "")
-        require_logprobs(tokens, endpoint=endpoint, route=route, method=self.name)
         position = answer_position(tokens, lambda word: word in ("a", "b"))
         if position is None:
             p, repair = 0.5, RepairReport(ok=False, wrong_format=True)

@@ -17,23 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 from ..types import Candidate, Query, Ranking, Request, WindowTrace
 from .base import (
-    ROUTES,
     Route,
     answer_text,
-    call,
+    ask_tokens,
     check_choice,
     check_top_k,
     cut,
-    prompt_body,
     rerank_by_scores,
     trace_of,
 )
 from .logprobs import (
     best_logprob,
     floor_logprob,
-    generated_tokens,
     merged_logprob,
-    require_logprobs,
 )
 
 if TYPE_CHECKING:
@@ -81,17 +77,15 @@ class Pointwise:
         text = self.prompt.format(
             query=query.text, passage=cut(pipeline, candidate.text, candidate.title)
         )
-        if self.route == "completions":
-            text += COMPLETION_SUFFIX
-        route = ROUTES[self.route]
-        c = await call(
+        c, tokens = await ask_tokens(
             pipeline,
-            route,
-            prompt_body(self.route, text, max_tokens=1, top_logprobs=self.top_logprobs),
+            self.name,
+            self.route,
+            text,
+            max_tokens=1,
+            top_logprobs=self.top_logprobs,
+            completion_suffix=COMPLETION_SUFFIX,
         )
-        tokens = generated_tokens(c.choice)
-        endpoint = getattr(pipeline.backend, "endpoint", "")
-        require_logprobs(tokens, endpoint=endpoint, route=route, method=self.name)
         first = tokens[0]
         top = first.top or ([(first.token, first.logprob)] if first.logprob is not None else [])
         score = yes_no_score(top, self.normalisation)
