@@ -159,7 +159,7 @@ def real_rows(names: list[str], data: Path, queries: int, depth: int, workdir: P
             (f"first (window {depth})", "first", {"route": route}),
             ("pointwise yes/no", "pointwise", {"route": route}),
             ("likelihood (UPR, forced)", "likelihood", {}),
-            ("pairwise heap top-5 of 10", "pairwise", {"k": 5, "top_k": 10, "route": route}),
+            ("pairwise heap top-3", "pairwise", {"k": 3, "route": route}),
         ]
         with LlamaServer(path, ctx=4096, parallel=1) as server:
             for label, method, options in methods:
@@ -219,7 +219,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--real", nargs="*", default=[], help="smollm2 and/or gemma")
     parser.add_argument("--real-queries", type=int, default=3)
-    parser.add_argument("--real-depth", type=int, default=20)
+    parser.add_argument("--real-depth", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/permrank-bench"))
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--json", type=Path, help="also write every figure here")

@@ -256,3 +256,11 @@ def test_noiseless_dl19_reaches_the_best_order(method, options):
             rankings = reranker.rerank_batch(requests)
     score = evaluate(run_of(rankings), qrels, ["nDCG@10"])["nDCG@10"]
     assert score >= 0.89
+
+
+def test_first_fits_a_window_to_the_context(sim, requests20, grades):
+    with Reranker("sim", sim.base_url, method="first", context_window=1000) as reranker:
+        (ranking,) = reranker.rerank_batch(requests20[:1])
+    (trace,) = ranking.trace
+    assert trace.prompt_tokens <= 1000 + 4  # the simulator adds 4 tokens per message
+    assert ranking.docids[:5] == ideal(requests20[0], grades)[:5]

@@ -201,9 +201,9 @@ def check_top_k(top_k: int | None) -> None:
         raise ConfigError(f"top_k must be at least 1 (got {top_k}); leave it out for all")
 
 
-def cut(pipeline: Pipeline, text: str, title: str | None = None) -> str:
-    """A passage (with its title) cut to the budget's ``max_passage_tokens``."""
-    limit = pipeline.budget.max_passage_tokens
+def cut(pipeline: Pipeline, text: str, title: str | None = None, limit: int | None = None) -> str:
+    """A passage (with its title) cut to ``limit`` tokens (the budget's ``max_passage_tokens``)."""
+    limit = pipeline.budget.max_passage_tokens if limit is None else limit
     body = pipeline.tokenizer.truncate(text, limit)
     return f"{pipeline.tokenizer.truncate(title, limit)}: {body}" if title else body
 

@@ -55,6 +55,25 @@ class First:
     def __post_init__(self) -> None:
         check_choice(self.route, ("chat", "completions"), "route")
 
+    def render(
+        self, pipeline: Pipeline, request: Request, window: list[int], labels: list[str]
+    ) -> str:
+        """The window's prompt, passages cut to the budget and, if the whole would not fit the
+        context, each to an equal share of it."""
+        limit = pipeline.budget.max_passage_tokens
+        count = pipeline.tokenizer.count
+        shown = [request.candidates[i] for i in window]
+        while True:
+            passages = "\n".join(
+                f"[{label}] {cut(pipeline, c.text, c.title, limit)}"
+                for label, c in zip(labels, shown, strict=True)
+            )
+            text = self.prompt.format(num=len(window), query=request.query.text, passages=passages)
+            over = count(text) + 1 - pipeline.budget.context_window
+            if over <= 0 or limit <= 8:
+                return text
+            limit = max(8, limit - over // len(window) - 1)
+
     async def ask(
         self, pipeline: Pipeline, request: Request, window: list[int], round_index: int
     ) -> tuple[list[int], WindowTrace | list[WindowTrace]]:
@@ -63,11 +82,7 @@ class First:
         if len(window) > len(LETTERS):
             return await ask_window(pipeline, request, window, round_index)
         labels = list(LETTERS[: len(window)])
-        passages = "\n".join(
-            f"[{label}] {cut(pipeline, request.candidates[i].text, request.candidates[i].title)}"
-            for label, i in zip(labels, window, strict=True)
-        )
-        text = self.prompt.format(num=len(window), query=request.query.text, passages=passages)
+        text = self.render(pipeline, request, window, labels)
         c, tokens = await ask_tokens(
             pipeline,
             self.name,
