@@ -17,7 +17,9 @@ prompt by text, as for listwise prompts; what is answered depends on what was as
 ``r`` is the passage's qrels grade plus Gaussian noise whose size follows the simulator's
 ``Noise.swap``: two passages one grade apart are misordered with probability ``swap``. Every
 draw is seeded by the noise seed and the prompt, so answers repeat exactly. A listwise window
-uses the judge's own swap noise, so FIRST and the generated permutation agree when noiseless.
+is ordered by the simulator's own ``judge_order`` (with every noise model it has), so FIRST and
+the generated permutation agree when noiseless; the other noise models (position bias, missed
+passages, limited attention) apply to windows only.
 Chat routes answer in the chat shape (``logprobs.content``), ``/v1/completions`` in the legacy
 shape (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), as vLLM does.
 """
