@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from .backends.base import Backend
 from .errors import BackendError, ConfigError
+from .methods.base import Method
 from .parse import parse_permutation
 from .prompts import (
     PromptBudget,
@@ -81,6 +82,8 @@ class Pipeline:
     """Per-window extra request fields by window length (constrained decoding)."""
     answer_text: Callable[[str], str] | None = None
     """Turns a raw answer into the text parsed (a constrained JSON answer into ``[i] > [j]``)."""
+    method: Method | None = None
+    """A scoring method other than the generated permutation (see ``permrank.methods``)."""
 
 
 async def ask_window(
@@ -161,8 +164,21 @@ def usage_of(trace: Sequence[WindowTrace], rounds: int) -> Usage:
     return usage
 
 
+AskWindow = Callable[
+    [Pipeline, Request, list[int], int],
+    Awaitable[tuple[list[int], WindowTrace | list[WindowTrace]]],
+]
+
+
 async def rerank_request(pipeline: Pipeline, request: Request) -> Ranking:
     """Rerank one query. Raises ``BackendError`` if a window cannot be answered."""
+    if pipeline.method is not None:
+        return await pipeline.method.rerank(pipeline, request)
+    return await drive_strategy(pipeline, request, ask_window)
+
+
+async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -> Ranking:
+    """Run the pipeline's strategy for one query, each window answered by ``ask``."""
     started = time.perf_counter()
     trace: list[WindowTrace] = []
     plan = pipeline.strategy.plan(len(request.candidates))
@@ -171,11 +187,11 @@ async def rerank_request(pipeline: Pipeline, request: Request) -> Ranking:
         batch = next(plan)
         while True:
             answers = await asyncio.gather(
-                *(ask_window(pipeline, request, window, rounds) for window in batch)
+                *(ask(pipeline, request, window, rounds) for window in batch)
             )
             rounds += 1
             for _, window_trace in answers:
-                trace.append(window_trace)
+                trace.extend(window_trace if isinstance(window_trace, list) else [window_trace])
             batch = plan.send([order for order, _ in answers])
     except StopIteration as stop:
         order: list[int] = stop.value
@@ -319,6 +335,8 @@ class Reranker:
         top_n: int | None = None,
         strategy_options: dict[str, Any] | None = None,
         prompt: str | Template = "rankgpt",
+        method: str | Method = "listwise",
+        method_options: dict[str, Any] | None = None,
         temperature: float = 0.0,
         seed: int | None = None,
         max_tokens: int | None = None,
@@ -366,7 +384,13 @@ class Reranker:
         self.backend = backend
         self.concurrency = concurrency
         self.on_error: OnError = on_error
+        if isinstance(method, str):
+            from .methods import get_method
+
+            method = get_method(method, **{"top_k": top_k, **(method_options or {})})
+        self.method = method
         self.pipeline = Pipeline(
+            method=method,
             strategy=self.strategy,
             template=self.template,
             backend=backend,
@@ -436,6 +460,7 @@ class Reranker:
             "tokenizer": self.pipeline.tokenizer.name,
             "constrain": self.constrain,
             "on_error": self.on_error,
+            "method": self.method.describe() if self.method else {"name": "listwise"},
         }
 
     def _sync(self, coro: Awaitable[Any]) -> Any:

@@ -116,6 +116,9 @@ class WindowTrace(BaseModel):
     permutation: list[int]
     """The parsed permutation: 0-based positions in ``docids``, most relevant first."""
     repair: RepairReport
+    score: float | None = None
+    """The relevance score or preference a scoring method read from logprobs (pointwise,
+    likelihood, pairwise); None for a generated permutation."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0

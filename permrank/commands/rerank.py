@@ -177,6 +177,48 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="context per window of the embedded server in tokens (4096)",
     )
 
+    from ..methods import METHOD_NAMES
+
+    g = parser.add_argument_group("scoring method")
+    g.add_argument(
+        "--method",
+        default="listwise",
+        choices=METHOD_NAMES,
+        help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
+        "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
+        "pairwise (A-or-B comparisons, PRP)",
+    )
+    g.add_argument(
+        "--yes-score",
+        choices=("softmax", "logprob", "vocab"),
+        help="pointwise: softmax over yes/no (default), the yes logprob, or P(yes) over the vocab",
+    )
+    g.add_argument(
+        "--likelihood-mode",
+        choices=("auto", "echo", "prompt_logprobs", "forced"),
+        help="likelihood: how prompt logprobs are read (auto: echo, else llama.cpp's forced "
+        "token grammar; prompt_logprobs: vLLM)",
+    )
+    g.add_argument(
+        "--pairwise",
+        choices=("allpairs", "sliding", "heap"),
+        help="pairwise: how comparisons are chosen and merged (heap)",
+    )
+    g.add_argument(
+        "--pairwise-k", type=int, help="pairwise sliding/heap: places sorted at the top (10)"
+    )
+    g.add_argument(
+        "--top-logprobs",
+        type=int,
+        help="alternatives asked per answer token (pointwise/first 20, pairwise 5)",
+    )
+    g.add_argument(
+        "--route",
+        choices=("chat", "completions"),
+        help="pointwise/first/pairwise: ask /chat/completions (default) or /completions "
+        "(base models)",
+    )
+
 
 def reranker_from_args(
     args: argparse.Namespace, endpoint: Endpoint | None = None, **overrides: Any
@@ -229,6 +271,8 @@ def reranker_from_args(
             if (value := getattr(args, key)) is not None
         },
         prompt=args.prompt,
+        method=args.method,
+        method_options=method_options_of(args),
         temperature=args.temperature,
         seed=args.seed,
         max_tokens=args.max_tokens,
@@ -539,3 +583,32 @@ def run_of_requests(requests: Iterator[Request]) -> dict[str, dict[str, float]]:
         n = len(r.candidates)
         run[r.query.qid] = {c.docid: float(n - i) for i, c in enumerate(r.candidates)}
     return run
+
+
+METHOD_FLAGS = {
+    "yes_score": "normalisation",
+    "likelihood_mode": "mode",
+    "pairwise": "aggregation",
+    "pairwise_k": "k",
+    "top_logprobs": "top_logprobs",
+    "route": "route",
+}
+
+
+def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The scoring-method options given on the command line (a flag the method does not take
+    is refused, naming the flag)."""
+    from ..methods import METHODS
+
+    fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
+    options = {}
+    for flag, option in METHOD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if option not in fields:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} does not apply to --method {args.method}"
+            )
+        options[option] = value
+    return options

@@ -1,0 +1,240 @@
+"""What every scoring method shares: the protocol, one way to call the endpoint, traces.
+
+A method is a value a user names (``get_method("pointwise", normalisation="softmax")``) with
+one coroutine, ``rerank(pipeline, request) -> Ranking``. Methods that score each passage alone
+(pointwise yes/no, query likelihood) implement ``score(pipeline, query, candidate)`` and leave
+the ordering to ``rerank_by_scores``. Every request goes through ``backend.request(route, body)``
+so a Backend wrapper (a cache, a recorder) sees and can answer it like any chat completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from ..errors import ConfigError
+from ..types import Candidate, Completion, Query, Ranking, RepairReport, Request, WindowTrace
+from .logprobs import TokenLogprob, generated_tokens, require_logprobs
+
+if TYPE_CHECKING:
+    from ..rerank import Pipeline
+
+Route = Literal["chat", "completions"]
+ROUTES = {"chat": "/chat/completions", "completions": "/completions"}
+
+
+class Method(Protocol):
+    name: str
+
+    async def rerank(self, pipeline: Pipeline, request: Request) -> Ranking: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class PassageScorer(Protocol):
+    """Scores one passage for one query; higher is more relevant."""
+
+    name: str
+    top_k: int | None
+
+    async def score(
+        self, pipeline: Pipeline, query: Query, candidate: Candidate
+    ) -> tuple[float, list[WindowTrace]]: ...
+
+
+@dataclass
+class Call:
+    """One answered request: the first choice, what it cost, whether it came from a cache."""
+
+    answer: dict[str, Any]
+    choice: dict[str, Any]
+    route: str
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+
+
+def request_key(endpoint: str, model: str, route: str, body: dict[str, Any]) -> str:
+    """SHA-256 of everything that decides a raw request's answer (canonical JSON)."""
+    material = {"endpoint": endpoint, "model": model, "route": route, "body": body}
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "request:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+async def send(
+    pipeline: Pipeline, route: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], float, bool]:
+    """POST ``body`` to ``route`` through the backend: (JSON answer, latency, from cache).
+
+    When the backend keeps a response cache (``backend.cache`` with ``get(key)`` and
+    ``put(key, model, Completion)``, as ``permrank.backends.cache.CachingBackend`` does), the
+    whole JSON answer is kept in it under a key of the endpoint, model, route and body, so a
+    repeated run asks nothing again. A wrapper may also answer ``request`` itself and mark the
+    answer ``"cached": true``.
+    """
+    backend = pipeline.backend
+    request = getattr(backend, "request", None)
+    if request is None:
+        raise ConfigError(
+            f"backend {type(backend).__name__} cannot send raw requests (no request(route, "
+            "body)); scoring methods other than listwise need an OpenAI-compatible backend"
+        )
+    cache = getattr(backend, "cache", None)
+    if not (callable(getattr(cache, "get", None)) and callable(getattr(cache, "put", None))):
+        cache = None
+    key = request_key(getattr(backend, "endpoint", ""), backend.model, route, body)
+    if cache is not None:
+        found = cache.get(key)
+        if found is not None:
+            return json.loads(found.text), 0.0, True
+    answer, latency = await request(route, body)
+    if cache is not None:
+        usage = answer.get("usage") or {}
+        kept = Completion(
+            text=json.dumps(answer, ensure_ascii=False),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+        cache.put(key, backend.model, kept)
+    return answer, latency, bool(answer.get("cached"))
+
+
+async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
+    """Send ``body`` with the model, temperature, seed and extra fields added; the first
+    choice and its cost."""
+    sampling = pipeline.sampling
+    full = {"model": pipeline.backend.model, "temperature": sampling.temperature, **body}
+    if sampling.seed is not None:
+        full["seed"] = sampling.seed
+    full.update(sampling.extra)
+    answer, latency, cached = await send(pipeline, route, full)
+    choice = (answer.get("choices") or [{}])[0] or {}
+    usage = answer.get("usage") or {}
+    return Call(
+        answer=answer,
+        choice=choice,
+        route=route,
+        latency_s=latency,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cached=cached,
+    )
+
+
+def prompt_body(route: Route, text: str, *, max_tokens: int, top_logprobs: int) -> dict[str, Any]:
+    """A request asking for ``max_tokens`` tokens after ``text`` with their top logprobs."""
+    if route == "chat":
+        return {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "logprobs": True,
+            "top_logprobs": top_logprobs,
+        }
+    return {"prompt": text, "max_tokens": max_tokens, "logprobs": top_logprobs}
+
+
+async def ask_tokens(
+    pipeline: Pipeline,
+    method: str,
+    route: Route,
+    text: str,
+    *,
+    max_tokens: int,
+    top_logprobs: int,
+    completion_suffix: str = "",
+) -> tuple[Call, list[TokenLogprob]]:
+    """Ask ``text`` as a user message (``chat``) or a raw prompt with ``completion_suffix``
+    (``completions``); the call and its generated tokens. Refuses an answer without logprobs."""
+    if route == "completions":
+        text += completion_suffix
+    body = prompt_body(route, text, max_tokens=max_tokens, top_logprobs=top_logprobs)
+    c = await call(pipeline, ROUTES[route], body)
+    tokens = generated_tokens(c.choice)
+    endpoint = getattr(pipeline.backend, "endpoint", "")
+    require_logprobs(tokens, endpoint=endpoint, route=ROUTES[route], method=method)
+    return c, tokens
+
+
+def answer_text(c: Call) -> str:
+    if "message" in c.choice:
+        return str((c.choice.get("message") or {}).get("content") or "")
+    return str(c.choice.get("text") or "")
+
+
+def trace_of(
+    c: Call,
+    *,
+    round_index: int,
+    docids: list[str],
+    answer: str,
+    permutation: list[int],
+    repair: RepairReport | None = None,
+    score: float | None = None,
+) -> WindowTrace:
+    """One trace entry per call, so that usage counts every call."""
+    return WindowTrace(
+        round=round_index,
+        docids=docids,
+        answer=answer,
+        permutation=permutation,
+        repair=repair or RepairReport(),
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        latency_s=c.latency_s,
+        cached=c.cached,
+        score=score,
+    )
+
+
+def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def check_top_k(top_k: int | None) -> None:
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be at least 1 (got {top_k}); leave it out for all")
+
+
+def cut(pipeline: Pipeline, text: str, title: str | None = None, limit: int | None = None) -> str:
+    """A passage (with its title) cut to ``limit`` tokens (the budget's ``max_passage_tokens``)."""
+    from ..prompts import as_data  # passages are data: no identifiers, no control tokens
+
+    limit = pipeline.budget.max_passage_tokens if limit is None else limit
+    body = as_data(pipeline.tokenizer.truncate(text, limit))
+    return f"{as_data(pipeline.tokenizer.truncate(title, limit))}: {body}" if title else body
+
+
+def ranking_of(
+    request: Request, order: list[int], trace: list[WindowTrace], rounds: int, started: float
+) -> Ranking:
+    from ..rerank import usage_of
+
+    return Ranking(
+        query=request.query,
+        candidates=[request.candidates[i] for i in order],
+        trace=trace,
+        usage=usage_of(trace, rounds),
+        seconds=time.perf_counter() - started,
+        layout=request.layout,
+    )
+
+
+async def rerank_by_scores(scorer: PassageScorer, pipeline: Pipeline, request: Request) -> Ranking:
+    """Score the first ``top_k`` candidates at once; order them by score (ties keep input
+    order), the rest follow in input order."""
+    started = time.perf_counter()
+    n = len(request.candidates)
+    m = n if scorer.top_k is None else min(scorer.top_k, n)
+    results = await asyncio.gather(
+        *(scorer.score(pipeline, request.query, c) for c in request.candidates[:m])
+    )
+    scores = [s for s, _ in results]
+    order = sorted(range(m), key=lambda i: (-scores[i], i)) + list(range(m, n))
+    trace = [t for _, traces in results for t in traces]
+    return ranking_of(request, order, trace, 1 if m else 0, started)
