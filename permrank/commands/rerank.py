@@ -31,6 +31,8 @@ from ..strategies import STRATEGIES
 from ..types import Ranking, Request, Usage
 
 DEFAULT_CONTEXT_WINDOW = 8192
+DEFAULT_TIMEOUT_S = 120.0
+EMBEDDED_TIMEOUT_S = 900.0
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +57,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     g.add_argument("--rps", type=float, default=None, help="requests per second at most")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds per request (120; 900 for the embedded model)",
+    )
     g.add_argument(
         "--max-retries",
         type=int,
@@ -130,10 +137,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def reranker_from_args(
-    args: argparse.Namespace, endpoint: Endpoint | None = None, **overrides: Any
-) -> Reranker:
-    """A Reranker as the flags say; defaults the flags leave open come from a probed endpoint."""
+def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
+    """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
+    endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
     if info is None and (not args.base_url or not args.model):
         raise ConfigError(
@@ -188,8 +194,11 @@ def reranker_from_args(
         constrain=constrain,
     )
     if endpoint is not None and endpoint.server is not None:
-        # More requests than the embedded server has slots only queue there, on our timeout.
+        # More requests than the embedded server has slots only queue there, on our timeout,
+        # and a CPU can take minutes over a long prompt: no point giving up at 2 minutes.
         options["concurrency"] = min(args.concurrency, endpoint.server.parallel)
+        if args.timeout == DEFAULT_TIMEOUT_S:
+            options["timeout_s"] = EMBEDDED_TIMEOUT_S
     options.update(overrides)
     return Reranker(**options)
 
@@ -214,7 +223,16 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         yield found
 
 
-def endpoint_manifest(found: Endpoint) -> dict[str, Any]:
+def run_on_endpoint(args: argparse.Namespace) -> int:
+    """``run`` with the model endpoint open (``args.endpoint``), closed however it ends."""
+    with model_endpoint(args) as args.endpoint:
+        return run(args)
+
+
+def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
+    found: Endpoint | None = getattr(args, "endpoint", None)
+    if found is None:
+        return {}
     record: dict[str, Any] = {"endpoint": found.info.describe()}
     if found.server is not None:
         record["embedded_server"] = found.server.describe()
@@ -248,7 +266,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_on_endpoint)
 
 
 def limited(requests: Iterator[Request], limit: int | None, depth: int | None) -> Iterator[Request]:
@@ -291,17 +309,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         n_queries = min(n_queries, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
-    with model_endpoint(args) as found:
-        return rerank_file(args, found, n_queries, qrels)
-
-
-def rerank_file(
-    args: argparse.Namespace,
-    found: Endpoint,
-    n_queries: int,
-    qrels: dict[str, dict[str, int]] | None,
-) -> int:
-    reranker = reranker_from_args(args, found, on_error=args.on_error)
+    reranker = reranker_from_args(args, on_error=args.on_error)
     started, t0 = now(), time.perf_counter()
     rankings: list[Ranking] = []
     totals = Usage()
@@ -349,7 +357,7 @@ def rerank_file(
         seconds = time.perf_counter() - t0
         manifest = build_manifest(
             command="rerank",
-            parameters=reranker.manifest() | endpoint_manifest(found),
+            parameters=reranker.manifest() | endpoint_manifest(args),
             totals=totals,
             queries=done,
             failed=failed,
