@@ -24,3 +24,10 @@ def simulator() -> Iterator[Simulator]:
     corpus = Corpus.from_files(DL19_5Q / "candidates.jsonl", DL19_5Q / "qrels.txt")
     with Simulator(corpus) as sim:
         yield sim
+
+
+@pytest.fixture(autouse=True)
+def _own_response_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Each test gets an empty response cache (the CLI caches answers by default), so no test
+    sees answers cached by another, or by a user's runs."""
+    monkeypatch.setenv("PERMRANK_CACHE_DIR", str(tmp_path_factory.mktemp("permrank-cache")))

@@ -29,7 +29,7 @@ def rerank_args(sim: Simulator, source: Path, out: Path, *extra: str) -> list[st
         "--base-url",
         sim.base_url,
         "--model",
-        "sim-model",
+        sim.state.model,
         "-q",
         *extra,
     ]
@@ -71,7 +71,7 @@ def test_rerank_writes_output_trec_and_manifest(
 
     manifest = json.loads((tmp_path / "out" / "reranked.jsonl.manifest.json").read_text())
     params = manifest["parameters"]
-    assert params["backend"]["model"] == "sim-model"
+    assert params["backend"]["model"] == "permrank-simulator"
     assert params["backend"]["endpoint"] == simulator.base_url
     template = params["template"]
     assert template["name"] == "rankgpt"
@@ -187,12 +187,14 @@ def test_impossible_settings_exit_2(
 def test_missing_endpoint_is_explained(
     dl19_5q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # No --base-url: the embedded model; a --local-model that does not exist is refused.
     code = main(
         ["rerank", "--input", str(dl19_5q / "candidates.jsonl"), "--output", str(tmp_path / "o")]
+        + ["--local-model", str(tmp_path / "missing.gguf")]
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "--base-url and --model" in err and "permrank simulate" in err
+    assert "missing.gguf: no such model file" in err
 
 
 def test_eval_prints_ndcg_for_trec_and_jsonl(

@@ -152,7 +152,9 @@ def test_probe_refuses_an_unknown_model(server: LlamaServer) -> None:
 
 def test_probe_refuses_an_unreachable_endpoint() -> None:
     port = free_port()
-    with pytest.raises(EndpointUnavailable, match=f"cannot reach http://127.0.0.1:{port}/v1"):
+    with pytest.raises(
+        EndpointUnavailable, match=f"cannot reach the endpoint http://127.0.0.1:{port}/v1"
+    ):
         probe(f"http://127.0.0.1:{port}/v1", "any")
 
 

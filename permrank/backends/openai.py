@@ -129,6 +129,11 @@ class OpenAIBackend:
                 self._throttler = Throttler(rate_limit=1, period=1.0 / self.rps)
         return self._client
 
+    def redact(self, text: str) -> str:
+        """``text`` with the API key blanked out (a server may quote it in an error)."""
+        key = os.environ.get(self.api_key_env)
+        return text.replace(key, "[api key]") if key and len(key) >= 4 else text
+
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         asked = retry_after_seconds(exc) if exc is not None else None
@@ -143,7 +148,7 @@ class OpenAIBackend:
             "%s: attempt %d failed (%s); retrying",
             self.endpoint,
             state.attempt_number,
-            describe_failure(exc) if exc else "?",
+            self.redact(describe_failure(exc)) if exc else "?",
         )
 
     async def request(self, route: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -168,9 +173,10 @@ class OpenAIBackend:
         except Exception as exc:
             if isinstance(exc, openai.APIError | asyncio.TimeoutError):
                 tries = self.max_retries + 1 if is_retryable(exc) else 1
+                reason = self.redact(describe_failure(exc))
                 raise BackendError(
                     f"{self.endpoint}{route}: request failed after {tries} attempt(s): "
-                    f"{describe_failure(exc)}. Check that the server is up and serves model "
+                    f"{reason}. Check that the server is up and serves model "
                     f"{self.model!r}, or raise --max-retries / --timeout."
                 ) from None
             raise

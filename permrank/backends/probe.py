@@ -104,13 +104,14 @@ def probe(
             response = client.get(f"{base}/models")
         except httpx.HTTPError as exc:
             raise EndpointUnavailable(
-                f"cannot reach {base} ({type(exc).__name__}: {exc}). Start the server or fix "
-                "--base-url; without --base-url permrank starts its embedded model"
+                f"cannot reach the endpoint {base} ({type(exc).__name__}: {exc}): start the "
+                "server, or check --base-url (without one, permrank starts its embedded model). "
+                "Nothing was sent to the model."
             ) from None
         if response.status_code in (401, 403):
             raise EndpointUnavailable(
-                f"{base}/models: HTTP {response.status_code} (not authorised). Put the API key in "
-                "the environment variable named by --api-key-env (default OPENAI_API_KEY)"
+                f"{base}/models refused the API key (HTTP {response.status_code}): put the right "
+                "key in the environment variable named by --api-key-env (default OPENAI_API_KEY)."
             )
         listing = None
         if response.status_code == 200:
@@ -151,13 +152,10 @@ def probe(
             )
         model = served[0]
     elif model not in served:
-        if kind == "simulator":  # answers under any name
-            log.info("the simulator lists %s; it answers %r too", served, model)
-        else:
-            raise EndpointUnavailable(
-                f"{base} does not serve model {model!r}; it serves: {', '.join(served)}. "
-                "Fix --model"
-            )
+        raise EndpointUnavailable(
+            f"the endpoint {base} does not serve model {model!r}; it serves: "
+            f"{', '.join(served[:10])}. Give one of those to --model."
+        )
 
     entry = next((e for e in entries if e.get("id") == model), {})
     info = ServerInfo(
@@ -179,9 +177,6 @@ def probe(
     elif kind == "openai":
         info.completions = False
         info.logprobs = True
-    elif kind == "simulator":
-        max_len = entry.get("max_model_len")
-        info.context_window = int(max_len) if max_len else None
     log.info("probed %s: %s", base, info.describe())
     return info
 

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -14,21 +16,30 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..backends.cache import default_cache_path
 from ..backends.probe import Endpoint, endpoint
-from ..errors import ConfigError
-from ..evaluate import evaluate, read_qrels, run_of
+from ..errors import BackendError, ConfigError
+from ..evaluate import evaluate, read_qrels
 from ..io import (
-    open_text,
+    OutputWriter,
+    iter_output_records,
     ranking_line,
     read_requests,
+    record_docids,
+    record_qid,
+    recover_output,
     trec_lines,
+    trec_lines_of,
     validate_requests,
     write_json_atomic,
 )
 from ..manifest import build_manifest, now
+from ..prompts import render_window
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
-from ..types import Ranking, Request, Usage
+from ..types import Request, Usage
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_WINDOW = 8192
 DEFAULT_TIMEOUT_S = 120.0
@@ -69,6 +80,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="retries of a failed request (429, 5xx, timeouts) before giving up (5)",
     )
+    g.add_argument(
+        "--cache",
+        metavar="PATH",
+        help="SQLite file of model answers, shared safely by several runs (default: "
+        "$PERMRANK_CACHE_DIR/cache.sqlite, else ~/.cache/permrank/cache.sqlite)",
+    )
+    g.add_argument("--no-cache", action="store_true", help="ask the model every time")
 
     g = parser.add_argument_group("windows and prompts")
     g.add_argument(
@@ -78,8 +96,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="how windows are planned and merged (sliding)",
     )
     g.add_argument("--window-size", type=int, default=20, help="passages per window (20)")
-    g.add_argument("--step", type=int, default=10, help="how far the window moves (10)")
-    g.add_argument("--passes", type=int, default=1, help="sliding passes (1)")
+    g.add_argument("--step", type=int, default=None, help="sliding: how far the window moves (10)")
+    g.add_argument("--passes", type=int, default=None, help="sliding: passes (1)")
+    g.add_argument(
+        "--early-stop",
+        action="store_true",
+        default=None,
+        help="sliding: stop the passes when one leaves the top unchanged",
+    )
+    g.add_argument(
+        "--top-n",
+        type=int,
+        default=None,
+        help="tournament, tdpart: leading places guaranteed under a perfect judge (10)",
+    )
+    g.add_argument(
+        "--shuffles",
+        type=int,
+        default=None,
+        help="selfconsistency: orders each window is asked in (3)",
+    )
+    g.add_argument(
+        "--aggregate",
+        choices=("borda", "kemeny"),
+        default=None,
+        help="selfconsistency: how the shuffled answers are combined (borda)",
+    )
+    g.add_argument(
+        "--inner",
+        choices=sorted(set(STRATEGIES) - {"selfconsistency"}),
+        default=None,
+        help="selfconsistency: the strategy whose windows are shuffled (sliding)",
+    )
     g.add_argument(
         "--top-k", type=int, default=None, help="rerank only the first K candidates (default: all)"
     )
@@ -179,6 +227,12 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         step=args.step,
         passes=args.passes,
         top_k=args.top_k,
+        top_n=args.top_n,
+        strategy_options={
+            key: value
+            for key in ("early_stop", "shuffles", "aggregate", "inner")
+            if (value := getattr(args, key)) is not None
+        },
         prompt=args.prompt,
         temperature=args.temperature,
         seed=args.seed,
@@ -192,6 +246,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         max_retries=args.max_retries,
         tokenizer=tokenizer,
         constrain=constrain,
+        cache=cache_path_of(args),
     )
     if endpoint is not None and endpoint.server is not None:
         # More requests than the embedded server has slots only queue there, on our timeout,
@@ -239,6 +294,14 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def cache_path_of(args: argparse.Namespace) -> Path | None:
+    """The response cache the flags ask for (``--cache PATH``, ``--no-cache``, or the default)."""
+    if getattr(args, "no_cache", False):
+        return None
+    path = getattr(args, "cache", None)
+    return Path(path) if path else default_cache_path()
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "rerank",
@@ -263,6 +326,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="fail",
         help="a query that fails after retries stops the run (fail, default) or is "
         "written in its input order with the reason (skip)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh; by default a run whose output exists resumes it (queries already "
+        "written are kept, failed ones are asked again)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
@@ -294,6 +363,50 @@ def constrain_line(mode: str, totals: Usage) -> str:
     return f"constrained ({mode}): {repaired} of {windows} window answers still needed repair"
 
 
+def check_prompt_fits(reranker: Reranker) -> None:
+    """Refuse a window that cannot fit the context, before any call (not at the first window)."""
+    pipeline = reranker.pipeline
+    size = int(getattr(reranker.strategy, "window_size", 20) or 20)
+    render_window(
+        pipeline.template,
+        "query",
+        [("passage", None)] * size,
+        budget=pipeline.budget,
+        tokenizer=pipeline.tokenizer,
+        max_tokens=pipeline.sampling.max_tokens,
+    )
+
+
+def prepare_outputs(args: argparse.Namespace) -> set[str]:
+    """Start afresh (``--overwrite``, or no output yet) or repair a killed run's output; the
+    qids already done. The TREC run is rebuilt from the JSONL, so the two always agree."""
+    out_path = Path(args.output)
+    if args.trec and out_path.resolve() == Path(args.trec).resolve():
+        raise ConfigError(f"--output {args.output} is also --trec: give another --trec path")
+    for path in (args.output, args.trec, args.manifest):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    if out_path.exists() and not args.overwrite:
+        done, dropped = recover_output(out_path)
+        if dropped:
+            log.warning(
+                "%s: removed %d incomplete or failed line(s) left by an earlier run",
+                out_path,
+                dropped,
+            )
+    else:
+        OutputWriter(out_path, overwrite=True).close()
+    if args.trec:
+        tmp = f"{args.trec}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as trec:
+            if done:
+                for record in iter_output_records(out_path):
+                    trec.write(trec_lines_of(str(record_qid(record)), record_docids(record)))
+        os.replace(tmp, args.trec)
+    return done
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
@@ -305,53 +418,66 @@ def run(args: argparse.Namespace) -> int:
             f"--output {args.output} is the input file: writing it would destroy the input "
             "while it is read; choose another output path"
         )
-    n_queries, _ = validate_requests(args.input)
-    if args.limit is not None:
-        n_queries = min(n_queries, args.limit)
+    n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
     reranker = reranker_from_args(args, on_error=args.on_error)
+    check_prompt_fits(reranker)  # the endpoint was probed before (backends.probe)
+    done_before = prepare_outputs(args)
+    if done_before and not args.quiet:
+        print(
+            f"resuming: {len(done_before)} queries already in {args.output} "
+            "(--overwrite starts afresh)",
+            file=sys.stderr,
+        )
     started, t0 = now(), time.perf_counter()
-    rankings: list[Ranking] = []
     totals = Usage()
     failed: dict[str, str] = {}
-    out_path = Path(args.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    for path in (args.trec, args.manifest):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    trec = open(args.trec, "w", encoding="utf-8") if args.trec else None
+    stopped_by: str | None = None
     done = 0
+    out = OutputWriter(args.output)
+    trec = open(args.trec, "a", encoding="utf-8") if args.trec else None
+    bar = tqdm(total=n_queries, unit="query", disable=args.quiet, file=sys.stderr, desc="rerank")
+    requests = (
+        r
+        for r in limited(read_requests(args.input), args.limit, args.depth)
+        if r.query.qid not in done_before
+    )
+
+    async def go() -> None:
+        nonlocal done
+        try:
+            async for ranking in reranker.astream(requests):
+                out.write(ranking_line(ranking))  # the JSONL first: it is what a resume reads
+                if trec:
+                    trec.write(trec_lines(ranking))
+                    trec.flush()
+                totals.add(ranking.usage)
+                if ranking.error:
+                    failed[ranking.query.qid] = ranking.error
+                done += 1
+                bar.update(1)
+                bar.set_postfix(calls=totals.calls, tokens=totals.total_tokens)
+        finally:
+            await reranker.aclose()
+
     try:
-        with open_text(out_path, "w") as out:
-            bar = tqdm(
-                total=n_queries, unit="query", disable=args.quiet, file=sys.stderr, desc="rerank"
-            )
-
-            async def go() -> None:
-                nonlocal done
-                try:
-                    requests = limited(read_requests(args.input), args.limit, args.depth)
-                    async for ranking in reranker.astream(requests):
-                        out.write(ranking_line(ranking))
-                        out.flush()
-                        if trec:
-                            trec.write(trec_lines(ranking))
-                        totals.add(ranking.usage)
-                        if ranking.error:
-                            failed[ranking.query.qid] = ranking.error
-                        if qrels is not None:
-                            rankings.append(ranking.model_copy(update={"trace": []}))
-                        done += 1
-                        bar.update(1)
-                        bar.set_postfix(calls=totals.calls, tokens=totals.total_tokens)
-                finally:
-                    await reranker.aclose()
-
-            try:
-                asyncio.run(go())
-            finally:
-                bar.close()
+        bar.update(min(len(done_before), n_queries))
+        asyncio.run(go())
+    except BackendError as exc:
+        qid = getattr(exc, "qid", None)
+        if qid is not None:
+            failed[str(qid)] = str(exc)
+        stopped_by = str(exc)
+        raise
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+        raise
+    except BaseException as exc:
+        stopped_by = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
+        bar.close()
+        out.close()
         if trec:
             trec.close()
         seconds = time.perf_counter() - t0
@@ -370,6 +496,11 @@ def run(args: argparse.Namespace) -> int:
                 "limit": args.limit,
                 "depth": args.depth,
             },
+            extra={
+                "resumed_queries": len(done_before),
+                "stopped_by": stopped_by,
+                "complete": stopped_by is None,
+            },
         )
         write_json_atomic(args.manifest or f"{args.output}.manifest.json", manifest)
     if not args.quiet:
@@ -380,11 +511,19 @@ def run(args: argparse.Namespace) -> int:
         if qrels is not None:
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
-            after = evaluate(run_of(rankings), qrels, ["nDCG@10"])
+            after = evaluate(run_of_output(args.output), qrels, ["nDCG@10"])
             print(f"nDCG@10: {before['nDCG@10']:.4f} before -> {after['nDCG@10']:.4f} after")
         if failed:
             print(f"{len(failed)} queries failed (input order kept): {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def run_of_output(path: str) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    for record in iter_output_records(path):
+        docids = record_docids(record)
+        run[str(record_qid(record))] = {d: float(len(docids) - i) for i, d in enumerate(docids)}
+    return run
 
 
 def run_of_requests(requests: Iterator[Request]) -> dict[str, dict[str, float]]:
