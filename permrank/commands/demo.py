@@ -82,6 +82,8 @@ def slice_of(path: Path, queries: int, depth: int) -> list[Request]:
 def run(args: argparse.Namespace) -> int:
     if args.queries < 1 or args.depth < 2:
         raise ConfigError("--queries must be at least 1 and --depth at least 2")
+    if not args.cache:  # the demo measures calls, tokens and time: no answers from a cache
+        args.no_cache = True
     folder = data_folder(args.data)
     requests = slice_of(folder / "candidates.jsonl", args.queries, args.depth)
     qrels = read_qrels(folder / "qrels.txt")
