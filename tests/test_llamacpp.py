@@ -104,22 +104,29 @@ def test_default_model_is_the_packaged_smollm2() -> None:
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
 
 
-def serve_local(*extra: str) -> tuple[subprocess.Popen[str], int]:
-    """``permrank serve local`` in a child process; it and its llama-server's pid, once ready."""
+def spawn(*argv: str, ready: str, stream: str) -> tuple[subprocess.Popen[str], int, str]:
+    """``permrank ARGV`` in a child process, once its first ``stream`` line contains ``ready``:
+    the process, its llama-server's pid, and that line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "permrank", "serve", "local", *extra],
+        [sys.executable, "-m", "permrank", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert process.stdout is not None
-    first = process.stdout.readline()
-    assert first.startswith("base URL: http://127.0.0.1:"), first + process.stderr.read()
-    base_url = first.split()[-1]
-    assert httpx.get(f"{base_url}/models").status_code == 200
+    line = getattr(process, stream).readline()
+    assert ready in line, line + process.stderr.read()  # type: ignore[union-attr]
     (child,) = llama_children(process.pid)
+    return process, child, line
+
+
+def serve_local(*extra: str) -> tuple[subprocess.Popen[str], int]:
+    """``permrank serve local`` in a child process; it and its llama-server's pid, once ready."""
+    process, child, line = spawn(
+        "serve", "local", *extra, ready="base URL: http://127.0.0.1:", stream="stdout"
+    )
+    assert httpx.get(f"{line.split()[-1]}/models").status_code == 200
     return process, child
 
 
@@ -314,20 +321,9 @@ def test_rerank_without_base_url_runs_the_embedded_model(tmp_path: Path) -> None
 
 def run_cli_in_child(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
     """``permrank rerank`` (embedded) in a child process; it and its server, once started."""
-    out = tmp_path / "out.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "permrank", "rerank", "--input", str(DL19_3Q20 / "candidates.jsonl")]
-        + ["--output", str(out), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert process.stderr is not None
-    line = process.stderr.readline()
-    assert "started llama.cpp" in line, line + process.stderr.read()
-    (child,) = llama_children(process.pid)
+    argv = ["rerank", "--input", str(DL19_3Q20 / "candidates.jsonl")]
+    argv += ["--output", str(tmp_path / "out.jsonl"), *extra]
+    process, child, _ = spawn(*argv, ready="started llama.cpp", stream="stderr")
     return process, child
 
 
