@@ -237,6 +237,7 @@ def five_passages() -> tuple[str, list[str]]:
     return request.query.text, [c.text[:300] for c in request.candidates[:5]]
 
 
+@pytest.mark.slow  # a window of SmolLM2 on a CPU: seconds, or minutes when busy
 def test_grammar_gives_a_permutation_needing_no_repair(server: LlamaServer) -> None:
     query, passages = five_passages()
     with Reranker(
@@ -250,6 +251,7 @@ def test_grammar_gives_a_permutation_needing_no_repair(server: LlamaServer) -> N
     assert reranker.manifest()["constrain"] == "grammar"
 
 
+@pytest.mark.slow  # a window of SmolLM2 on a CPU: seconds, or minutes when busy
 def test_json_schema_answers_are_read_as_rankings(server: LlamaServer) -> None:
     query, passages = five_passages()
     with Reranker(
@@ -262,6 +264,7 @@ def test_json_schema_answers_are_read_as_rankings(server: LlamaServer) -> None:
     assert sorted(ranking.docids) == [str(i) for i in range(5)]
 
 
+@pytest.mark.slow  # a window of SmolLM2 on a CPU: seconds, or minutes when busy
 def test_cli_constrain_auto_picks_the_grammar_and_reports_repairs(
     server: LlamaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -290,6 +293,7 @@ def test_cli_constrain_auto_picks_the_grammar_and_reports_repairs(
 
 
 # -- the embedded default, end to end ---------------------------------------------------------
+@pytest.mark.slow  # a window of SmolLM2 on a CPU: seconds, or minutes when busy
 def test_rerank_without_base_url_runs_the_embedded_model(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     argv = ["rerank", "--input", str(DL19_3Q20 / "candidates.jsonl"), "--output", str(out)]
