@@ -5,7 +5,9 @@
    straight to the server with httpx, one after the other. Reported: prompt and generated tokens
    per second as the server timed them, and end-to-end tokens per second (wall clock), permrank
    as a ratio of the server alone (goal: >= 0.90). The two alternate ``--repeats`` times (the
-   machine is shared) and the best of each is compared.
+   machine is shared) and the best of each is compared. On a loaded machine those rates swing;
+   the share of wall time the server spends computing (its own timings over the wall clock) does
+   not depend on the load, and its ratio is what permrank costs.
 2. Several windows at once: the same queries reranked with ``-np N`` slots and N requests in
    flight, windows per second as a ratio of one slot.
 
@@ -65,6 +67,11 @@ class Tally:
     @property
     def generated_per_s(self) -> float:
         return 1000 * self.completion_tokens / self.predicted_ms if self.predicted_ms else 0.0
+
+    @property
+    def busy(self) -> float:
+        """The share of the wall time the server spent computing (not waiting for the client)."""
+        return (self.prompt_ms + self.predicted_ms) / 1000 / self.wall_s if self.wall_s else 0.0
 
     @property
     def end_to_end_per_s(self) -> float:
@@ -165,7 +172,8 @@ def describe(name: str, t: Tally) -> str:
     return (
         f"  {name:<13} {t.windows} windows in {t.wall_s:6.1f} s: prompt {t.prompt_per_s:6.1f} "
         f"tok/s, generated {t.generated_per_s:5.1f} tok/s (server timings); end to end "
-        f"{t.end_to_end_per_s:6.1f} tok/s ({t.prompt_tokens} + {t.completion_tokens} tokens)"
+        f"{t.end_to_end_per_s:6.1f} tok/s ({t.prompt_tokens} + {t.completion_tokens} tokens); "
+        f"server busy {t.busy:.3f} of the wall time"
     )
 
 
@@ -211,6 +219,15 @@ def main() -> None:
         print(f"  {label:<17} permrank / server alone = {a:.1f} / {b:.1f} = {a / b:.3f}")
     ratios = [o.end_to_end_per_s / a.end_to_end_per_s for o, a in zip(ours, alone, strict=True)]
     print(f"  end-to-end ratio per alternation: {', '.join(f'{r:.3f}' for r in ratios)}")
+    # The server's own timings do not depend on the client; what a client can lose is the time
+    # the server waits between requests. Busy share = server compute time / wall time, so
+    # permrank's share over the server-alone share is the load-independent ratio.
+    busy_ours = statistics.median(t.busy for t in ours)
+    busy_alone = statistics.median(t.busy for t in alone)
+    print(
+        f"  server busy share (median): permrank {busy_ours:.3f} / server alone {busy_alone:.3f}"
+        f" = {busy_ours / busy_alone:.3f}"
+    )
 
     print(f"2. several windows at once (-np N, N requests in flight), {load()}")
     base: float | None = None
