@@ -210,6 +210,19 @@ def test_model_defaults_to_the_one_the_endpoint_serves(
     assert manifest["parameters"]["backend"]["model"] == "permrank-simulator"
 
 
+def test_missing_local_model_is_refused(
+    dl19_5q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No --base-url: the embedded model; a --local-model that does not exist is refused.
+    code = main(
+        ["rerank", "--input", str(dl19_5q / "candidates.jsonl"), "--output", str(tmp_path / "o")]
+        + ["--local-model", str(tmp_path / "missing.gguf")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "missing.gguf: no such model file" in err
+
+
 def test_eval_prints_ndcg_for_trec_and_jsonl(
     dl19_5q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

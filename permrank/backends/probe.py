@@ -110,8 +110,8 @@ def probe(
             ) from None
         if response.status_code in (401, 403):
             raise EndpointUnavailable(
-                f"{base}/models: HTTP {response.status_code} (not authorised). Put the API key in "
-                "the environment variable named by --api-key-env (default OPENAI_API_KEY)"
+                f"{base}/models refused the API key (HTTP {response.status_code}): put the right "
+                "key in the environment variable named by --api-key-env (default OPENAI_API_KEY)."
             )
         listing = None
         if response.status_code == 200:
@@ -181,9 +181,6 @@ def probe(
     elif kind == "openai":
         info.completions = False
         info.logprobs = True
-    elif kind == "simulator":
-        max_len = entry.get("max_model_len")
-        info.context_window = int(max_len) if max_len else None
     log.info("probed %s: %s", base, info.describe())
     return info
 

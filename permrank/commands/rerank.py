@@ -42,6 +42,8 @@ from ..types import Request, Usage
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_WINDOW = 8192
+DEFAULT_TIMEOUT_S = 120.0
+EMBEDDED_TIMEOUT_S = 900.0
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +68,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     g.add_argument("--rps", type=float, default=None, help="requests per second at most")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds per request (120; 900 for the embedded model)",
+    )
     g.add_argument(
         "--max-retries",
         type=int,
@@ -220,10 +227,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def reranker_from_args(
-    args: argparse.Namespace, endpoint: Endpoint | None = None, **overrides: Any
-) -> Reranker:
-    """A Reranker as the flags say; defaults the flags leave open come from a probed endpoint."""
+def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
+    """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
+    endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
     base_url = overrides.get("base_url", args.base_url)
     if info is None and (not base_url or not overrides.get("model", args.model)):
@@ -283,23 +289,18 @@ def reranker_from_args(
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
-        cache=cache_path_of(args),
         tokenizer=tokenizer,
         constrain=constrain,
+        cache=cache_path_of(args),
     )
     if endpoint is not None and endpoint.server is not None:
-        # More requests than the embedded server has slots only queue there, on our timeout.
+        # More requests than the embedded server has slots only queue there, on our timeout,
+        # and a CPU can take minutes over a long prompt: no point giving up at 2 minutes.
         options["concurrency"] = min(args.concurrency, endpoint.server.parallel)
+        if args.timeout == DEFAULT_TIMEOUT_S:
+            options["timeout_s"] = EMBEDDED_TIMEOUT_S
     options.update(overrides)
     return Reranker(**options)
-
-
-def cache_path_of(args: argparse.Namespace) -> Path | None:
-    """The response cache the flags ask for (``--cache PATH``, ``--no-cache``, or the default)."""
-    if getattr(args, "no_cache", False):
-        return None
-    path = getattr(args, "cache", None)
-    return Path(path) if path else default_cache_path()
 
 
 @contextlib.contextmanager
@@ -322,11 +323,43 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         yield found
 
 
-def endpoint_manifest(found: Endpoint) -> dict[str, Any]:
+def run_on_endpoint(args: argparse.Namespace) -> int:
+    """``run`` with the model endpoint open (``args.endpoint``), closed however it ends.
+
+    Input, flags and template are checked first: nothing is refused after a server started."""
+    prepared = precheck(args)
+    with model_endpoint(args) as args.endpoint:
+        return run(args, prepared)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Build (and drop) a Reranker from the flags alone: no server is asked or started."""
+    reranker_from_args(
+        args,
+        base_url=args.base_url or "http://127.0.0.1:9/v1",
+        model=args.model or "unchecked",
+        cache=None,
+        constrain=None,
+        on_error=args.on_error,
+    )
+
+
+def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
+    found: Endpoint | None = getattr(args, "endpoint", None)
+    if found is None:
+        return {}
     record: dict[str, Any] = {"endpoint": found.info.describe()}
     if found.server is not None:
         record["embedded_server"] = found.server.describe()
     return record
+
+
+def cache_path_of(args: argparse.Namespace) -> Path | None:
+    """The response cache the flags ask for (``--cache PATH``, ``--no-cache``, or the default)."""
+    if getattr(args, "no_cache", False):
+        return None
+    path = getattr(args, "cache", None)
+    return Path(path) if path else default_cache_path()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -362,7 +395,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_on_endpoint)
 
 
 def limited(requests: Iterator[Request], limit: int | None, depth: int | None) -> Iterator[Request]:
@@ -382,6 +415,12 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
         f"= {totals.total_tokens}",
         f"window answers: {repairs or 'none'}",
     ]
+
+
+def constrain_line(mode: str, totals: Usage) -> str:
+    windows = totals.calls + totals.cached_calls
+    repaired = windows - totals.repairs.get("ok", 0)
+    return f"constrained ({mode}): {repaired} of {windows} window answers still needed repair"
 
 
 def check_prompt_fits(reranker: Reranker) -> None:
@@ -428,13 +467,8 @@ def prepare_outputs(args: argparse.Namespace) -> set[str]:
     return done
 
 
-def constrain_line(mode: str, totals: Usage) -> str:
-    windows = totals.calls + totals.cached_calls
-    repaired = windows - totals.repairs.get("ok", 0)
-    return f"constrained ({mode}): {repaired} of {windows} window answers still needed repair"
-
-
-def run(args: argparse.Namespace) -> int:
+def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] | None]:
+    """Refuse bad flags and bad input before any model call; the query count and the qrels."""
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
     if args.depth is not None and args.depth < 1:
@@ -447,32 +481,18 @@ def run(args: argparse.Namespace) -> int:
         )
     n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
-    # Impossible strategy settings and templates are refused before any server is started.
-    check_settings(args)
-    with model_endpoint(args) as found:
-        return rerank_file(args, found, n_queries, qrels)
+    if getattr(args, "endpoint", None) is None:
+        check_settings(args)
+    return n_queries, qrels
 
 
-def check_settings(args: argparse.Namespace) -> None:
-    """Build (and drop) a Reranker from the flags alone: no server is asked or started."""
-    reranker_from_args(
-        args,
-        base_url=args.base_url or "http://127.0.0.1:9/v1",
-        model=args.model or "unchecked",
-        cache=None,
-        constrain=None,
-        on_error=args.on_error,
-    )
-
-
-def rerank_file(
+def run(
     args: argparse.Namespace,
-    found: Endpoint,
-    n_queries: int,
-    qrels: dict[str, dict[str, int]] | None,
+    prepared: tuple[int, dict[str, dict[str, int]] | None] | None = None,
 ) -> int:
-    reranker = reranker_from_args(args, found, on_error=args.on_error)
-    check_prompt_fits(reranker)
+    n_queries, qrels = prepared if prepared is not None else precheck(args)
+    reranker = reranker_from_args(args, on_error=args.on_error)
+    check_prompt_fits(reranker)  # the endpoint was probed before (backends.probe)
     done_before = prepare_outputs(args)
     if done_before and not args.quiet:
         print(
@@ -534,7 +554,7 @@ def rerank_file(
         seconds = time.perf_counter() - t0
         manifest = build_manifest(
             command="rerank",
-            parameters=reranker.manifest() | endpoint_manifest(found),
+            parameters=reranker.manifest() | endpoint_manifest(args),
             totals=totals,
             queries=done,
             failed=failed,
@@ -557,13 +577,13 @@ def rerank_file(
     if not args.quiet:
         for line in summary_lines(totals, done, seconds):
             print(line)
+        if reranker.constrain:
+            print(constrain_line(reranker.constrain, totals))
         if qrels is not None:
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
             after = evaluate(run_of_output(args.output), qrels, ["nDCG@10"])
             print(f"nDCG@10: {before['nDCG@10']:.4f} before -> {after['nDCG@10']:.4f} after")
-        if reranker.constrain:
-            print(constrain_line(reranker.constrain, totals))
         if failed:
             print(f"{len(failed)} queries failed (input order kept): {', '.join(failed)}")
     return 1 if failed else 0
