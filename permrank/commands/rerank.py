@@ -35,6 +35,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model", help="model name the endpoint serves")
     g.add_argument(
+        "--backend",
+        choices=("openai", "vllm"),
+        default="openai",
+        help="openai: an OpenAI-compatible endpoint (default); vllm: vLLM in this process, "
+        "--model being a Hugging Face model folder (default: the converted SmolLM2), every "
+        "window of a round in one generate call (needs the vllm extra)",
+    )
+    g.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
         metavar="VAR",
@@ -92,7 +100,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
-    if not args.base_url or not args.model:
+    if getattr(args, "backend", "openai") == "vllm":
+        overrides.setdefault("backend", "vllm")
+    elif not args.base_url or not args.model:
         raise ConfigError(
             "give --base-url and --model of an OpenAI-compatible endpoint "
             "(a vLLM server, llama.cpp's server, OpenAI), or start one with "
