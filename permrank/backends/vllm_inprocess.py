@@ -336,7 +336,12 @@ class VllmInProcessBackend:
             "max_model_len": self.max_model_len,
             "prefix_caching": True,
             "engine_options": self.engine_options,
+            "load_s": self.load_s,
             "generate_calls": len(self.batches),
+            "batch_windows": [b.windows for b in self.batches],
+            "prompt_tokens": sum(b.prompt_tokens for b in self.batches),
+            "completion_tokens": sum(b.completion_tokens for b in self.batches),
+            "generate_s": sum(b.seconds for b in self.batches),
         }
 
     async def aclose(self) -> None:
