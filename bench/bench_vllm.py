@@ -174,7 +174,9 @@ def bench_inprocess(args, requests: list[Request], tokenizer) -> list[Figure]:
         ).start()
         try:
             figures.append(
-                chat_alone(plain._llm, "vLLM alone, a round per call, no prefix cache", rounds, None)
+                chat_alone(
+                    plain._llm, "vLLM alone, a round per call, no prefix cache", rounds, None
+                )
             )
         finally:
             plain.shutdown()

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import queue
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -114,7 +115,7 @@ class VllmInProcessBackend:
         settle_s: float = 0.005,
         quiet_iterations: int = 20,
     ):
-        from ..servers.vllm import check_model_dir
+        from ..servers.vllm import check_model_dir, stop_at_exit
 
         self.model_dir = check_model_dir(model_dir)
         self.model = served_model_name or self.model_dir.resolve().name
@@ -134,6 +135,9 @@ class VllmInProcessBackend:
         self._flusher: asyncio.Task[None] | None = None
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._reaper: subprocess.Popen[bytes] | None = None
+        # Here, not in start() (which may run in a worker thread): signal hooks need the main one.
+        stop_at_exit(self)
 
     # -- the engine --------------------------------------------------------------------------
     def start(self) -> VllmInProcessBackend:
@@ -141,7 +145,14 @@ class VllmInProcessBackend:
         with self._start_lock:
             if self._llm is not None:
                 return self
-            from ..servers.vllm import cuda_available, require_vllm, vllm_environment
+            from ..servers.vllm import (
+                cuda_available,
+                descendants,
+                require_vllm,
+                start_reaper,
+                stop_at_exit,
+                vllm_environment,
+            )
 
             require_vllm()
             cuda = cuda_available()
@@ -159,12 +170,18 @@ class VllmInProcessBackend:
             options.update(self.engine_options)
             started = time.perf_counter()
             log.info("loading %s into vLLM (%s)", self.model_dir, "CUDA" if cuda else "CPU")
+            before = set(descendants(os.getpid()))
+            stop_at_exit(self)
             try:
                 self._llm = LLM(**options)
             except Exception as exc:
                 raise BackendError(
                     f"vLLM could not load {self.model_dir}: {type(exc).__name__}: {exc}"
                 ) from exc
+            finally:
+                # vLLM's engine processes do not die with us: a reaper kills them if we do.
+                engine = [p for p in descendants(os.getpid()) if p not in before]
+                self._reaper = start_reaper(engine)
             self.load_s = time.perf_counter() - started
             log.info("vLLM loaded %s in %.1f s", self.model, self.load_s)
         return self
@@ -353,16 +370,22 @@ class VllmInProcessBackend:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop vLLM's engine process and the worker thread (a batch in flight then fails)."""
+        """Stop vLLM's engine processes and the worker thread (a batch in flight then fails)."""
+        from ..servers.vllm import forget_at_exit, stop_reaper
+
+        forget_at_exit(self)
         if self._worker is not None:
             self._jobs.put(None)
             self._worker = None
         llm, self._llm = self._llm, None
-        if llm is None:
-            return
         engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             try:
-                engine_core.shutdown()
+                engine_core.shutdown(timeout=10)
             except Exception as exc:  # noqa: BLE001 - best effort at exit
                 log.warning("vLLM engine shutdown: %s", exc)
+        # Whatever of the engine is still alive (a busy engine ignores SIGTERM) is killed.
+        stop_reaper(self._reaper)
+        self._reaper = None
+
+    stop = shutdown

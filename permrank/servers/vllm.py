@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -113,16 +113,32 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-_live: set[VllmServer] = set()
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_live: set[Stoppable] = set()
 _live_lock = threading.Lock()
 _hooks_installed = False
 
 
+def stop_at_exit(thing: Stoppable) -> None:
+    """Stop ``thing`` at interpreter exit and on SIGTERM/SIGHUP (until ``forget_at_exit``)."""
+    _install_hooks()
+    with _live_lock:
+        _live.add(thing)
+
+
+def forget_at_exit(thing: Stoppable) -> None:
+    with _live_lock:
+        _live.discard(thing)
+
+
 def _stop_all() -> None:
     with _live_lock:
-        servers = list(_live)
-    for server in servers:
-        server.stop()
+        things = list(_live)
+    for thing in things:
+        thing.stop()
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -131,6 +147,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def _install_hooks() -> None:
+    """atexit, and SIGTERM/SIGHUP -> SystemExit where nothing else handles them."""
     global _hooks_installed
     if _hooks_installed:
         return
@@ -140,6 +157,63 @@ def _install_hooks() -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(signum) is signal.SIG_DFL:
                 signal.signal(signum, _exit_on_signal)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux; empty elsewhere)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                kids = [int(p) for p in children.read_text().split()]
+                found.extend(kids)
+                stack.extend(kids)
+    return found
+
+
+REAPER = """
+import os, signal, sys
+parent, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+def reap(*_):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, reap)
+if os.getppid() != parent:
+    reap()
+while True:
+    signal.pause()
+"""
+
+
+def start_reaper(pids: Sequence[int]) -> subprocess.Popen[bytes] | None:
+    """A watcher that SIGKILLs ``pids`` when this thread or process dies, or when it is stopped.
+
+    For processes started by a library (vLLM's engine) that we cannot give PDEATHSIG ourselves.
+    """
+    if not pids or not sys.platform.startswith("linux"):
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-c", REAPER, str(os.getpid()), *map(str, pids)],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def stop_reaper(reaper: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM the reaper: it kills whatever of its processes is still alive, then exits."""
+    if reaper is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        reaper.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        reaper.wait(5)
 
 
 def log_tail(path: Path | None, lines: int = 20) -> str:
@@ -247,7 +321,6 @@ class VllmServer:
             return self
         if self.python == sys.executable:
             require_vllm()
-        _install_hooks()
         attempts = 1 if self.requested_port else 3  # a picked port can be taken meanwhile
         for attempt in range(attempts):
             self.port = self.requested_port or free_port(self.host)
@@ -290,8 +363,7 @@ class VllmServer:
                 if sys.platform.startswith("linux") and in_main_thread
                 else None,
             )
-        with _live_lock:
-            _live.add(self)
+        stop_at_exit(self)
 
     def _wait_ready(self) -> None:
         assert self.process is not None
@@ -326,8 +398,7 @@ class VllmServer:
     def _terminate(self, grace_s: float = 20.0) -> int | None:
         """SIGTERM the process group, SIGKILL what is left after ``grace_s``."""
         process, self.process = self.process, None
-        with _live_lock:
-            _live.discard(self)
+        forget_at_exit(self)
         if process is None:
             return None
         pgid = process.pid  # start_new_session: the leader's pid is the group's id
