@@ -117,6 +117,7 @@ def permrank_run(name: str, backend: Any, requests: list[Request], args, tokeniz
         context_window=args.max_model_len,
         concurrency=args.concurrency,
         tokenizer=tokenizer,
+        max_tokens=args.max_tokens,
     )
     started = time.perf_counter()
     rankings = asyncio.run(reranker.arerank_batch(requests))
@@ -254,7 +255,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--window-size", type=int, default=10)
     parser.add_argument("--step", type=int, default=5)
-    parser.add_argument("--max-passage-tokens", type=int, default=80)
+    parser.add_argument("--max-passage-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=None, help="answer budget per window")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--dtype", default=None, help="vLLM --dtype (default: vLLM's choice)")

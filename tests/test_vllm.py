@@ -14,10 +14,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,24 +101,30 @@ def served(model_dir: Path):
         text=True,
         cwd=ROOT,
     )
-    assert process.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     seen: list[str] = []
-    base_url = model = None
+    found: dict[str, str] = {}
     deadline = time.monotonic() + 900
-    while base_url is None or model is None:
+    while len(found) < 2:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail("permrank serve vllm did not start:\n" + "".join(seen[-30:]))
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if not ready:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
             continue
-        line = process.stdout.readline()
         seen.append(line)
-        if line.startswith("base URL:"):
-            base_url = line.split(":", 1)[1].strip()
-        elif line.startswith("model:"):
-            model = line.split(":", 1)[1].strip()
-    yield base_url, model, process
+        for key in ("base URL", "model"):
+            if line.startswith(f"{key}:"):
+                found[key] = line.split(":", 1)[1].strip()
+    yield found["base URL"], found["model"], process
     if process.poll() is None:
         process.kill()
         process.wait()
