@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, PermrankError
 from ..types import Completion
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,9 @@ class VllmInProcessBackend:
         settle_s: float = 0.005,
         quiet_iterations: int = 20,
     ):
-        from ..servers.vllm import check_model_dir, stop_at_exit
+        from ..servers.vllm import check_model_dir, require_vllm, stop_at_exit
 
+        require_vllm()  # refused before any work, not at the first window
         self.model_dir = check_model_dir(model_dir)
         self.model = served_model_name or self.model_dir.resolve().name
         self.endpoint = f"vllm-inprocess:{self.model_dir}"
@@ -289,7 +290,7 @@ class VllmInProcessBackend:
 
     @staticmethod
     def _fail(batch: list[_Window], exc: BaseException) -> None:
-        error = exc if isinstance(exc, BackendError) else None
+        error = exc if isinstance(exc, PermrankError) else None
         for w in batch:
             if not w.future.done():
                 w.future.set_exception(
