@@ -161,8 +161,12 @@ def bench_inprocess(args, requests: list[Request], tokenizer) -> list[Figure]:
     print(f"in-process engine loaded in {backend.load_s:.1f} s", flush=True)
     figures = []
     try:
+        # A first pass warms the engine up (first forward passes are slower); not measured.
+        permrank_run("warm-up", backend, requests, args, tokenizer)
         backend._llm.reset_prefix_cache()
+        backend.batches.clear()
         run, rounds = permrank_run("permrank --backend vllm", backend, requests, args, tokenizer)
+        run.calls = len(backend.batches)  # generate calls, as for the others
         figures.append(run)
         figures.append(chat_alone(backend._llm, "vLLM alone, a round per call", rounds, None))
         figures.append(chat_alone(backend._llm, "vLLM alone, one window per call", rounds, 1))
@@ -220,10 +224,15 @@ def bench_server(args, requests: list[Request], tokenizer) -> list[Figure]:
         print(f"server ready in {server.ready_s:.1f} s at {server.base_url}", flush=True)
         from permrank.backends.openai import OpenAIBackend
 
-        backend = OpenAIBackend(
-            server.base_url, server.model, concurrency=args.concurrency, timeout_s=3600
-        )
-        run, rounds = permrank_run("permrank --base-url", backend, requests, args, tokenizer)
+        def backend() -> OpenAIBackend:  # a client per event loop (asyncio.run)
+            return OpenAIBackend(
+                server.base_url, server.model, concurrency=args.concurrency, timeout_s=3600
+            )
+
+        permrank_run("warm-up", backend(), requests, args, tokenizer)
+        with httpx.Client() as client:
+            client.post(f"{server.url}/reset_prefix_cache").raise_for_status()
+        run, rounds = permrank_run("permrank --base-url", backend(), requests, args, tokenizer)
         figures = [run]
         for name, concurrency in (
             ("server alone, a round at once", args.concurrency),
