@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "permrank.commands.simulate",
     "permrank.commands.serve",
     "permrank.commands.models",
+    "permrank.commands.distill",
 )
 
 

@@ -106,7 +106,8 @@ def evaluate(
     judged = {q: docs for q, docs in run.items() if q in qrels}
     if not judged:
         raise InputError("no query of the run has qrels: check that the qids match")
-    values = ir_measures.calc_aggregate(measures, qrels, judged)
+    # Only the run's queries: a query of the qrels the run never saw is not a zero.
+    values = ir_measures.calc_aggregate(measures, {q: qrels[q] for q in judged}, judged)
     return {str(m): float(values[m]) for m in measures}
 
 
@@ -115,4 +116,7 @@ def per_query(
 ) -> dict[str, float]:
     (measure,) = parse_metrics([metric])
     judged = {q: docs for q, docs in run.items() if q in qrels}
-    return {m.query_id: float(m.value) for m in ir_measures.iter_calc([measure], qrels, judged)}
+    judged_qrels = {q: qrels[q] for q in judged}
+    return {
+        m.query_id: float(m.value) for m in ir_measures.iter_calc([measure], judged_qrels, judged)
+    }

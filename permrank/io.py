@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -44,7 +45,10 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
         return InputError(message, path=path, line=line)
 
     if not isinstance(record, dict):
-        raise fail(f"expected a JSON object per line, got {type(record).__name__}")
+        raise fail(
+            f"expected a JSON object per line, got {type(record).__name__}: write each query as "
+            '{"qid": ..., "query": ..., "candidates": [...]}'
+        )
     extras = {k: v for k, v in record.items() if k not in ("qid", "query", "candidates")}
     raw_query = record.get("query")
     if isinstance(raw_query, dict):  # rank_llm's Request layout
@@ -55,7 +59,8 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
     else:
         layout = "permrank"
         qid, text = record.get("qid"), raw_query
-        query_extra = {}
+        query_extra = extras  # ranking_record writes a query's extras back at the top level
+        extras = {}
         qfield = "qid"
     if qid is None or (isinstance(qid, str) and not qid.strip()):
         raise fail(f"field {qfield!r} is missing: every query needs an id")
@@ -64,16 +69,21 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
         raise fail(f"field {field!r} is missing or empty: every query needs its text")
     raw_candidates = record.get("candidates")
     if not isinstance(raw_candidates, list):
-        raise fail("field 'candidates' is missing or not a list")
+        raise fail(
+            "field 'candidates' is missing or not a list: give the query's candidates as a list "
+            'of {"docid": ..., "text": ...} (an empty list is allowed)'
+        )
     candidates: list[Candidate] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_candidates):
         where = f"candidates[{i}]"
         if not isinstance(raw, dict):
-            raise fail(f"{where} is not an object")
+            raise fail(
+                f'{where} is not an object: write each candidate as {{"docid": ..., "text": ...}}'
+            )
         docid = raw.get("docid")
         if docid is None or str(docid) == "":
-            raise fail(f"{where}.docid is missing")
+            raise fail(f"{where}.docid is missing: give every candidate an id (field 'docid')")
         docid = str(docid)
         if docid in seen:
             raise fail(
@@ -89,7 +99,9 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
                 raise fail(f"{where}.doc is missing: rank_llm's layout keeps the text in 'doc'")
             body = _text_of(doc)
             if not isinstance(body, str):
-                raise fail(f"{where}.doc has no text ('text', 'contents' or 'segment')")
+                raise fail(
+                    f"{where}.doc has no text: put the passage in 'text', 'contents' or 'segment'"
+                )
             data["text"] = body
             data.setdefault("title", doc.get("title"))
         else:
@@ -97,7 +109,10 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
             if body is None:
                 body = _text_of(raw)
             if not isinstance(body, str):
-                raise fail(f"{where}.text is missing or not a string (docid {docid})")
+                raise fail(
+                    f"{where}.text is missing or not a string (docid {docid}): give the passage "
+                    "text as a string"
+                )
             data["text"] = body
         if not data["text"].strip():
             raise fail(f"{where}.text is empty (docid {docid}): give the passage text")
@@ -109,7 +124,9 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
             try:
                 data["score"] = float(score)
             except (TypeError, ValueError):
-                raise fail(f"{where}.score {score!r} is not a number") from None
+                raise fail(
+                    f"{where}.score {score!r} is not a number: give a number or leave it out"
+                ) from None
         candidates.append(Candidate(**data))
     return Request(
         query=Query(qid=str(qid), text=text, **query_extra),
@@ -120,27 +137,26 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    # Bytes decoded line by line, so a bad byte is reported on its own line (a text wrapper
+    # decodes ahead, in chunks, and would blame an earlier line).
     try:
-        with open_text(path) as f:
-            lineno = 0
-            while True:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    line = f.readline()
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise InputError(
                         f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line): "
                         "convert the file to UTF-8",
                         path=str(path),
-                        line=lineno + 1,
+                        line=lineno,
                     ) from None
-                if not line:
-                    return
-                lineno += 1
                 yield lineno, line
     except FileNotFoundError:
-        raise InputError("no such file", path=str(path)) from None
+        raise InputError("no such file: check the path", path=path) from None
     except (OSError, EOFError) as exc:
-        raise InputError(f"cannot read ({exc})", path=str(path)) from None
+        raise InputError(f"cannot read ({exc})", path=path) from None
 
 
 def read_requests(path: str | Path) -> Iterator[Request]:
@@ -159,8 +175,9 @@ def read_requests(path: str | Path) -> Iterator[Request]:
         yield parse_request(record, path=str(path), line=lineno)
 
 
-def validate_requests(path: str | Path) -> tuple[int, int]:
-    """Read every request once; refuse bad input before any model call.
+def validate_requests(path: str | Path, limit: int | None = None) -> tuple[int, int]:
+    """Read every request once (the first ``limit`` ones if given); refuse bad input before any
+    model call.
 
     Returns (queries, candidates). Duplicate qids are refused; an empty candidate list is
     allowed (passed through unchanged) with a warning.
@@ -168,6 +185,8 @@ def validate_requests(path: str | Path) -> tuple[int, int]:
     first_line: dict[str, int] = {}
     queries = candidates = 0
     for lineno, line in _lines(path):
+        if limit is not None and queries >= limit:
+            break
         if not line.strip():
             continue
         try:
@@ -242,10 +261,14 @@ def ranking_line(ranking: Ranking) -> str:
 
 
 def trec_lines(ranking: Ranking, tag: str = "permrank") -> str:
-    scores = rank_scores(len(ranking.candidates))
+    return trec_lines_of(ranking.query.qid, ranking.docids, tag)
+
+
+def trec_lines_of(qid: str, docids: list[str], tag: str = "permrank") -> str:
+    scores = rank_scores(len(docids))
     return "".join(
-        f"{ranking.query.qid} Q0 {c.docid} {rank} {score:g} {tag}\n"
-        for rank, (c, score) in enumerate(zip(ranking.candidates, scores, strict=True), 1)
+        f"{qid} Q0 {docid} {rank} {score:g} {tag}\n"
+        for rank, (docid, score) in enumerate(zip(docids, scores, strict=True), 1)
     )
 
 
@@ -268,3 +291,140 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         json.dump(data, f, indent=2, ensure_ascii=False, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+# -- crash-safe output -----------------------------------------------------------------------
+# The reranked JSONL is written one finished query at a time: one write of the whole line (a
+# gzip member of its own for .gz), then fsync. A run killed at any moment leaves complete lines
+# and at most one partial line at the end, which ``recover_output`` removes before a resumed run
+# appends to the file.
+
+
+def record_qid(record: dict[str, Any]) -> str | None:
+    """The qid of an output record in either layout."""
+    query = record.get("query")
+    qid = query.get("qid") if isinstance(query, dict) else record.get("qid")
+    return None if qid is None else str(qid)
+
+
+def record_docids(record: dict[str, Any]) -> list[str]:
+    return [str(c.get("docid")) for c in record.get("candidates") or []]
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[bytes, int]]:
+    """(line, end offset) of each complete line; for .gz, up to the first damaged member."""
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            try:
+                for line in f:
+                    if line.endswith(b"\n"):
+                        yield line, -1
+            except (EOFError, OSError, zlib.error):  # a member cut by a crash
+                return
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            offset += len(line)
+            yield line, offset
+
+
+def iter_output_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete records of an output file written by ``OutputWriter``."""
+    for line, _ in _complete_lines(Path(path)):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and record_qid(record) is not None:
+            yield record
+
+
+def recover_output(path: str | Path) -> tuple[set[str], int]:
+    """Make an output left by a killed run fit to append to; the qids it holds.
+
+    Removes a partial last line, any line that is not a complete record, and the records of
+    queries that failed (``"error"``), so a resumed run asks those again. Returns the qids kept
+    and how many lines were removed. Streams: memory holds only the qids.
+    """
+    path = Path(path)
+    done: set[str] = set()
+    dropped = 0
+    end = 0
+    rewrite = False
+    for line, offset in _complete_lines(path):
+        try:
+            record = json.loads(line)
+            qid = record_qid(record) if isinstance(record, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            qid = None
+        if qid is None or qid in done or record.get("error"):
+            dropped += 1
+            rewrite = True
+            continue
+        done.add(qid)
+        end = offset
+    gz = str(path).endswith(".gz")
+    size = path.stat().st_size
+    if not rewrite and not gz and end < size:  # only a partial last line: cut it off
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+        return done, dropped + 1
+    if rewrite or gz:
+        tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+        kept: set[str] = set()
+        with OutputWriter(tmp, overwrite=True, gz=gz) as out:
+            for line, _ in _complete_lines(path):
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                qid = record_qid(record) if isinstance(record, dict) else None
+                if qid in done and qid not in kept and not record.get("error"):
+                    kept.add(qid)
+                    out.write(line.decode("utf-8"))
+        os.replace(tmp, path)
+    return done, dropped
+
+
+class OutputWriter:
+    """Append whole lines to a file, each one written at once and synced to disk."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        overwrite: bool = False,
+        sync: bool = True,
+        gz: bool | None = None,
+    ):
+        self.path = Path(path)
+        self.gz = str(path).endswith(".gz") if gz is None else gz
+        self.sync = sync
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_APPEND)
+        self.fd = os.open(self.path, flags, 0o644)
+
+    def write(self, line: str) -> None:
+        data = line.encode("utf-8")
+        if self.gz:  # a gzip member per line: a crash can only damage the last one
+            data = gzip.compress(data, mtime=0)
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        if self.sync:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -31,8 +31,9 @@ _BRACKETED = re.compile(_OPEN + r"\s*(\d{1,4})\s*" + _CLOSE)
 _SEPARATOR = r"\s*(?:>>?|≻|›|→|->|,|;)\s*"
 _ONE = _OPEN + r"\s*\d{1,4}\s*" + _CLOSE
 _CHAIN = re.compile(_ONE + "(?:" + _SEPARATOR + _ONE + ")+")
-_STRICT = re.compile(r"^\s*\[\d+\](\s*>\s*\[\d+\])*\s*$")
+_STRICT = re.compile(r"^\s*\[[0-9]+\](\s*>\s*\[[0-9]+\])*\s*$")
 _BARE_LINE = re.compile(r"^\s*\d{1,4}(\s*(?:>|,|>>|→|->|;)\s*\d{1,4})+\s*\.?\s*$")
+_BARE_CHAIN = re.compile(r"(?<!\d)\d{1,4}(?:\s*(?:>>?|≻|›|→|->)\s*\d{1,4})+(?!\d)")
 _NUMBER = re.compile(r"\d{1,4}")
 _REFUSAL = re.compile(
     r"\b(i\s*(?:can(?:no|')t|am\s+(?:not\s+able|unable)|won't|will\s+not)|"
@@ -74,17 +75,21 @@ def extract_identifiers(answer: str) -> tuple[list[int], bool]:
 
     Returns 1-based identifiers as written (duplicates and out-of-range ones included).
     """
-    text = _ascii_digits(final_answer(answer))
+    raw = final_answer(answer)
+    text = _ascii_digits(raw)
     chains = [m.group(0) for m in _CHAIN.finditer(text)]
     if chains:  # the longest chain "[a] > [b] > ..." is the answer; brackets elsewhere are chatter
         chain = max(chains, key=len)
-        return [int(m.group(1)) for m in _BRACKETED.finditer(chain)], bool(_STRICT.match(text))
+        return [int(m.group(1)) for m in _BRACKETED.finditer(chain)], bool(_STRICT.match(raw))
     bracketed = [int(m.group(1)) for m in _BRACKETED.finditer(text)]
     if bracketed:
-        return bracketed, bool(_STRICT.match(text))
+        return bracketed, bool(_STRICT.match(raw))
     for line in text.splitlines():
         if _BARE_LINE.match(line):
             return [int(n) for n in _NUMBER.findall(line)], False
+    bare_chains = [m.group(0) for m in _BARE_CHAIN.finditer(text)]
+    if bare_chains:  # "The ranking is 3 > 1 > 2.": the chain, not the chatter's numbers
+        return [int(n) for n in _NUMBER.findall(max(bare_chains, key=len))], False
     return [], False
 
 

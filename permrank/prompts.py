@@ -15,6 +15,7 @@ template is loaded, with the file and the placeholder named.
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 import tomllib
 from dataclasses import dataclass
@@ -30,6 +31,31 @@ TEMPLATE_FIELDS = {"query", "num", "passages"}
 PASSAGE_FIELDS = {"query", "num", "id", "passage", "text", "title"}
 MESSAGE_OVERHEAD_TOKENS = 4
 """Tokens a chat template adds around each message (role markers); counted in budgets."""
+
+
+_IDENTIFIER = re.compile(r"[\[【［〔]\s*(\d{1,4})\s*[\]】］〕]")
+_CONTROL = re.compile(
+    r"<\|[^<>|\n]{0,64}\|>"  # <|im_end|>, <|eot_id|>, <|start_header_id|> ...
+    r"|</?\s*(?:think|thinking|s|im_start|im_end|start_of_turn|end_of_turn)\s*>"
+    r"|\[/?INST\]|<</?SYS>>",
+    re.IGNORECASE,
+)
+_LOOKALIKE = str.maketrans({"<": "‹", ">": "›", "[": "⟦", "]": "⟧"})
+
+
+def as_data(text: str) -> str:
+    """A passage or query as shown to the model: data that cannot pass for prompt structure.
+
+    Whitespace runs become one space, so a passage stays on its line (as RankGPT and rank_llm
+    show passages) and cannot start a fake turn ("\\nAssistant: ...") or a fake passage. A
+    bracketed number ``[3]`` becomes ``(3)`` (as rank_llm does), so a passage cannot hold an
+    identifier, and a model quoting it cannot put a ranking in its answer. Special tokens and
+    think tags (``<|im_end|>``, ``<|eot_id|>``, ``</think>``, ``[INST]``) get look-alike brackets,
+    so no tokenizer reads them as control tokens and the parser never sees a ``</think>``.
+    """
+    text = " ".join(text.split())
+    text = _IDENTIFIER.sub(r"(\1)", text)
+    return _CONTROL.sub(lambda m: m.group(0).translate(_LOOKALIKE), text)
 
 
 class TemplateMessage(BaseModel):
@@ -48,8 +74,12 @@ class Template(BaseModel):
     sha256: str = ""
 
     def render(self, query: str, passages: list[tuple[str, str | None]]) -> list[dict[str, str]]:
-        """Messages for one window: ``passages`` are (text, title) pairs, identifier 1 first."""
+        """Messages for one window: ``passages`` are (text, title) pairs, identifier 1 first.
+
+        The query and the passages are inserted as data (see ``as_data``)."""
         num = len(passages)
+        query = as_data(query)
+        passages = [(as_data(text), as_data(title) if title else title) for text, title in passages]
 
         def one(pattern: str, i: int, text: str, title: str | None) -> str:
             return pattern.format(
@@ -208,27 +238,32 @@ def render_window(
     query = tokenizer.truncate(query, budget.max_query_tokens)
 
     def cut(limit: int) -> list[tuple[str, str | None]]:
-        return [
-            (tokenizer.truncate(text, limit), tokenizer.truncate(title, limit) if title else title)
-            for text, title in passages
-        ]
+        """Each passage to ``limit`` tokens, title included (a title takes at most half)."""
+        out = []
+        for text, title in passages:
+            if title:
+                title = tokenizer.truncate(title, limit // 2)
+                text = tokenizer.truncate(text, max(0, limit - tokenizer.count(title)))
+            else:
+                text = tokenizer.truncate(text, limit)
+            out.append((text, title))
+        return out
 
     messages = template.render(query, cut(budget.max_passage_tokens))
     available = budget.context_window - max_tokens
     if count_message_tokens(messages, tokenizer) <= available:
         return messages
     overhead = count_message_tokens(template.render(query, [("", None)] * len(passages)), tokenizer)
-    share = (available - overhead) // max(1, len(passages))
-    if share < 8:
-        raise TemplateError(
-            f"a window of {len(passages)} passages does not fit a context of "
-            f"{budget.context_window} tokens with template {template.name!r} (the template "
-            f"alone takes {overhead} tokens and the answer {max_tokens}); use a smaller "
-            "--window-size or a larger --context-window"
-        )
-    messages = template.render(query, cut(min(share, budget.max_passage_tokens)))
+    share = min((available - overhead) // max(1, len(passages)), budget.max_passage_tokens)
     # Token counts are not additive across cuts at the edges: trim until it fits.
-    while count_message_tokens(messages, tokenizer) > available and share > 8:
-        share -= max(1, share // 10)
+    while share >= 8:
         messages = template.render(query, cut(share))
-    return messages
+        if count_message_tokens(messages, tokenizer) <= available:
+            return messages
+        share -= max(1, share // 10)
+    raise TemplateError(
+        f"a window of {len(passages)} passages does not fit a context of "
+        f"{budget.context_window} tokens with template {template.name!r} (the template "
+        f"alone takes {overhead} tokens and the answer {max_tokens}); use a smaller "
+        "--window-size or a larger --context-window"
+    )

@@ -8,21 +8,30 @@ come out in input order, streamed, with a bounded number of queries in memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .backends.base import Backend
 from .errors import BackendError, ConfigError
 from .parse import parse_permutation
-from .prompts import PromptBudget, Template, answer_tokens, load_template, render_window
+from .prompts import (
+    PromptBudget,
+    Template,
+    answer_tokens,
+    count_message_tokens,
+    load_template,
+    render_window,
+)
 from .strategies import Strategy, get_strategy
 from .tokens import Tokenizer, default_tokenizer
-from .types import Candidate, Query, Ranking, Request, Usage, WindowTrace
+from .types import Candidate, Completion, Query, Ranking, Request, Usage, WindowTrace
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,25 @@ class Sampling:
     """Extra request fields (e.g. a grammar), sent as they are."""
 
 
+class MemoTokenizer:
+    """A tokenizer that remembers its recent answers.
+
+    Windows repeat most of their text: a passage is shown in several windows, and a template's
+    instructions and turn messages are the same in every window. Rendering counts and cuts all of
+    it, so remembering (bounded, least recently used) removes most of the engine's time.
+    """
+
+    def __init__(self, inner: Tokenizer, max_entries: int = 16384):
+        self.inner = inner
+        self.name = inner.name
+        self.count = functools.lru_cache(maxsize=max_entries)(inner.count)  # type: ignore[method-assign]
+        self.truncate = functools.lru_cache(maxsize=max_entries)(inner.truncate)  # type: ignore[method-assign]
+
+
+def memo_tokenizer() -> Tokenizer:
+    return MemoTokenizer(default_tokenizer())
+
+
 @dataclass
 class Pipeline:
     """Everything one query's reranking needs, minus the query."""
@@ -48,9 +76,11 @@ class Pipeline:
     backend: Backend
     sampling: Sampling = field(default_factory=Sampling)
     budget: PromptBudget = field(default_factory=PromptBudget)
-    tokenizer: Tokenizer = field(default_factory=default_tokenizer)
+    tokenizer: Tokenizer = field(default_factory=memo_tokenizer)
     window_extra: Callable[[int], dict[str, Any]] | None = None
     """Per-window extra request fields by window length (constrained decoding)."""
+    answer_text: Callable[[str], str] | None = None
+    """Turns a raw answer into the text parsed (a constrained JSON answer into ``[i] > [j]``)."""
 
 
 async def ask_window(
@@ -70,14 +100,39 @@ async def ask_window(
     extra = dict(pipeline.sampling.extra)
     if pipeline.window_extra is not None:
         extra.update(pipeline.window_extra(len(window)))
-    completion = await pipeline.backend.complete(
-        messages,
-        max_tokens=max_tokens,
-        temperature=pipeline.sampling.temperature,
-        seed=pipeline.sampling.seed,
-        extra=extra or None,
-    )
-    permutation, report = parse_permutation(completion.text, len(window))
+
+    async def send(budget: int) -> Completion:
+        return await pipeline.backend.complete(
+            messages,
+            max_tokens=budget,
+            temperature=pipeline.sampling.temperature,
+            seed=pipeline.sampling.seed,
+            extra=extra or None,
+        )
+
+    completion = await send(max_tokens)
+    attempts = 1
+    # An answer cut by max_tokens is asked once more with up to twice the budget (as much as
+    # the context leaves), then repaired whatever comes back.
+    more_tokens = 0
+    if completion.finish_reason == "length":
+        room = pipeline.budget.context_window - count_message_tokens(messages, pipeline.tokenizer)
+        more_tokens = min(2 * max_tokens, room)
+    if more_tokens > max_tokens:
+        log.warning(
+            "query %s: answer cut at %d tokens; asking again with %d",
+            request.query.qid,
+            max_tokens,
+            more_tokens,
+        )
+        first = completion
+        completion = await send(more_tokens)
+        completion.prompt_tokens += first.prompt_tokens
+        completion.completion_tokens += first.completion_tokens
+        completion.latency_s += first.latency_s
+        attempts = 2
+    text = pipeline.answer_text(completion.text) if pipeline.answer_text else completion.text
+    permutation, report = parse_permutation(text, len(window))
     trace = WindowTrace(
         round=round_index,
         docids=[request.candidates[i].docid for i in window],
@@ -88,6 +143,7 @@ async def ask_window(
         completion_tokens=completion.completion_tokens,
         latency_s=completion.latency_s,
         cached=completion.cached,
+        attempts=attempts,
     )
     return [window[p] for p in permutation], trace
 
@@ -95,8 +151,8 @@ async def ask_window(
 def usage_of(trace: Sequence[WindowTrace], rounds: int) -> Usage:
     usage = Usage(rounds=rounds)
     for t in trace:
-        usage.calls += 0 if t.cached else 1
-        usage.cached_calls += 1 if t.cached else 0
+        usage.calls += 0 if t.cached else t.attempts
+        usage.cached_calls += t.attempts if t.cached else 0
         usage.prompt_tokens += t.prompt_tokens
         usage.completion_tokens += t.completion_tokens
         usage.latency_s += t.latency_s
@@ -181,7 +237,9 @@ async def rerank_stream(
                 yield await task
             except BackendError as exc:
                 if on_error == "fail":
-                    raise
+                    failure = BackendError(f"query {request.query.qid} failed: {exc}")
+                    failure.qid = request.query.qid  # type: ignore[attr-defined]
+                    raise failure from None
                 log.error("query %s failed: %s", request.query.qid, exc)
                 yield failed_ranking(request, str(exc))
     finally:
@@ -236,12 +294,17 @@ class _LoopThread:
 class Reranker:
     """Rerank with an LLM: ``Reranker(model, base_url).rank(query, documents)``.
 
-    Options name what they are: ``strategy`` ("sliding" or a Strategy value), ``window_size``,
-    ``step``, ``passes``, ``top_k``, ``prompt`` (a shipped template's name or a TOML path),
-    ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second).
+    Options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy value),
+    ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
+    ``top_n`` (tournament, tdpart), ``strategy_options`` (any other strategy parameter, e.g.
+    ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
+    ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
+    ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default).
     A ready ``backend`` can be given instead of ``model`` + ``base_url``, or
     ``backend="vllm"``: vLLM in this process, ``model`` being a Hugging Face model folder (the
     ``vllm`` extra; every window of a round, across queries, in one generate call).
+    ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
+    forces every answer into the ``[i] > [j] > ...`` shape (``permrank.constrain``).
     """
 
     def __init__(
@@ -252,9 +315,11 @@ class Reranker:
         backend: Backend | str | None = None,
         strategy: str | Strategy = "sliding",
         window_size: int = 20,
-        step: int = 10,
-        passes: int = 1,
+        step: int | None = None,
+        passes: int | None = None,
         top_k: int | None = None,
+        top_n: int | None = None,
+        strategy_options: dict[str, Any] | None = None,
         prompt: str | Template = "rankgpt",
         temperature: float = 0.0,
         seed: int | None = None,
@@ -269,10 +334,18 @@ class Reranker:
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
+        cache: str | Path | None = None,
+        constrain: str | None = None,
     ):
         if isinstance(strategy, str):
             strategy = get_strategy(
-                strategy, window_size=window_size, step=step, passes=passes, top_k=top_k
+                strategy,
+                window_size=window_size,
+                step=step,
+                passes=passes,
+                top_k=top_k,
+                top_n=top_n,
+                **(strategy_options or {}),
             )
         self.strategy = strategy
         self.template = prompt if isinstance(prompt, Template) else load_template(prompt)
@@ -298,6 +371,10 @@ class Reranker:
                 timeout_s=timeout_s,
                 max_retries=max_retries,
             )
+        if cache is not None:
+            from .backends.cache import CachingBackend
+
+            backend = CachingBackend(backend, cache)
         self.backend = backend
         self.concurrency = concurrency
         self.on_error: OnError = on_error
@@ -311,8 +388,16 @@ class Reranker:
             budget=PromptBudget(
                 max_passage_tokens=max_passage_tokens, context_window=context_window
             ),
-            tokenizer=tokenizer or default_tokenizer(),
+            tokenizer=MemoTokenizer(tokenizer or default_tokenizer()),
         )
+        self.constrain = constrain
+        if constrain:
+            from .constrain import json_answer_as_ranking, window_fields
+
+            window_fields(constrain, 1)  # refuses an unknown mode now
+            self.pipeline.window_extra = functools.partial(window_fields, constrain)
+            if constrain == "json":
+                self.pipeline.answer_text = json_answer_as_ranking
         self._loop: _LoopThread | None = None
 
     # -- one query ---------------------------------------------------------------------------
@@ -361,6 +446,7 @@ class Reranker:
             },
             "budget": vars(self.pipeline.budget),
             "tokenizer": self.pipeline.tokenizer.name,
+            "constrain": self.constrain,
             "on_error": self.on_error,
         }
 

@@ -1,13 +1,15 @@
 """A simulated LLM server: OpenAI-compatible, on loopback, answering from the qrels.
 
 ``permrank simulate --data ../shared/data/trec-dl19 --port 8000`` serves ``/v1/chat/completions``
-(and ``/v1/completions``, ``/v1/models``). It finds the query and the passages in the prompt by
-their *text*, not by knowing the template: the query is the longest known query text found in the
-prompt, the passages are that query's candidates found in it, in order of appearance (identifier
-1 first). MS MARCO repeats passages under several docids, so passages are matched by text. The
-answer orders them by qrels grade (ties keep the shown order), then applies seeded noise, as
-``[3] > [1] > ...``. Latency is configurable, so the whole pipeline can be run and timed with no
-GPU. ``GET /stats`` reports what was asked (requests, per query, sampling parameters seen).
+(and ``/v1/completions``, ``/v1/responses`` in the Responses API's shape, ``/v1/models``). It
+finds the query and the passages in the prompt by their *text*, not by knowing the template:
+the query is the longest known query text found in the prompt, the passages are that query's
+candidates found in it, in order of appearance (identifier 1 first). MS MARCO repeats passages
+under several docids, so passages are matched by text. The answer orders them by qrels grade
+(ties keep the shown order), then applies seeded noise (``permrank.simnoise``: swaps, position
+bias, missed passages, limited attention), as ``[3] > [1] > ...``. Latency is configurable, so
+the whole pipeline can be run and timed with no GPU. ``GET /stats`` reports what was asked
+(requests, per query, sampling parameters seen).
 
 The judge itself (``judge_order``) is a pure function; the HTTP layer is thin.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -30,7 +31,11 @@ from typing import Any
 from .errors import InputError
 from .evaluate import read_qrels
 from .io import read_requests
+from .prompts import as_data
+from .simnoise import Noise, judge_order
 from .tokens import default_tokenizer
+
+__all__ = ["Corpus", "Noise", "Simulator", "SimulatorState", "find_passages", "judge_order"]
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +45,6 @@ PREFIX_CHARS = 40
 
 def _norm(text: str) -> str:
     return " ".join(text.split())
-
-
-@dataclass
-class Noise:
-    """How the simulated judge errs. Every draw is seeded by ``seed`` and the prompt's text."""
-
-    swap: float = 0.0
-    """Probability of swapping each adjacent pair of the true order (applied front to back)."""
-    seed: int = 0
-
-    def describe(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 @dataclass
@@ -67,14 +60,16 @@ class Corpus:
 
     def __init__(self, queries: Iterable[SimQuery]):
         self.queries: dict[str, SimQuery] = {}
-        self._by_words: dict[tuple[str, ...], list[SimQuery]] = {}
         for q in queries:
             if q.qid in self.queries:
                 continue
+            # Texts as templates show them (passages are inserted as data, see prompts.as_data).
+            q.text = _norm(as_data(q.text))
+            q.passages = [(d, _norm(as_data(t)), g) for d, t, g in q.passages]
             self.queries[q.qid] = q
-            words = tuple(q.text.split()[:3])
-            if words:
-                self._by_words.setdefault(words, []).append(q)
+        self._longest_first = sorted(
+            (q for q in self.queries.values() if q.text), key=lambda q: -len(q.text)
+        )
 
     @classmethod
     def from_dir(cls, data: str | Path) -> Corpus:
@@ -109,28 +104,18 @@ class Corpus:
         return cls(queries)
 
     def find_query(self, prompt: str) -> SimQuery | None:
-        """The longest known query whose text is in the (normalised) prompt."""
-        words = prompt.split(" ")
-        best: SimQuery | None = None
-        offsets = []
-        pos = 0
-        for w in words:
-            offsets.append(pos)
-            pos += len(w) + 1
-        for i in range(len(words)):
-            for k in (3, 2, 1):
-                for q in self._by_words.get(tuple(words[i : i + k]), ()):
-                    if len(q.text.split()) < k and k != len(q.text.split()):
-                        continue
-                    if (best is None or len(q.text) > len(best.text)) and prompt.startswith(
-                        q.text, offsets[i]
-                    ):
-                        best = q
-        if best is None:  # query text cut or glued to punctuation: fall back to a scan
-            for q in self.queries.values():
-                if q.text in prompt and (best is None or len(q.text) > len(best.text)):
-                    best = q
-        return best
+        """The longest known query whose text is in the (normalised) prompt at a word start
+        (anywhere, if none is: a query glued to punctuation)."""
+        glued: SimQuery | None = None
+        for q in self._longest_first:
+            position = prompt.find(q.text)
+            if position != -1 and glued is None:
+                glued = q
+            while position != -1:
+                if position == 0 or prompt[position - 1] == " ":
+                    return q
+                position = prompt.find(q.text, position + 1)
+        return glued
 
 
 def _common_prefix(prompt: str, position: int, text: str) -> int:
@@ -190,30 +175,25 @@ def find_passages(prompt: str, query: SimQuery) -> list[int]:
     return shown
 
 
-def judge_order(grades: list[int], noise: Noise, key: str) -> list[int]:
-    """The judge: positions 0..n-1 by grade (ties keep shown order), then seeded noise."""
-    order = sorted(range(len(grades)), key=lambda i: -grades[i])
-    if noise.swap > 0:
-        rng = random.Random(f"{noise.seed}:{key}")
-        for i in range(len(order) - 1):
-            if rng.random() < noise.swap:
-                order[i], order[i + 1] = order[i + 1], order[i]
-    return order
+def message_text(messages: list[Any]) -> str:
+    """The text of chat messages (or Responses API input items), content parts joined."""
+    parts = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else m
+        if isinstance(content, list):  # content parts
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        parts.append(str(content or ""))
+    return "\n".join(parts)
 
 
 def prompt_text(body: dict[str, Any]) -> str:
     if "messages" in body:
-        parts = []
-        for m in body.get("messages") or []:
-            content = m.get("content")
-            if isinstance(content, list):  # content parts
-                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            parts.append(str(content or ""))
-        return "\n".join(parts)
+        return message_text(body.get("messages") or [])
     prompt = body.get("prompt", body.get("input", ""))
     if isinstance(prompt, list):
-        prompt = "\n".join(str(p) for p in prompt)
-    return str(prompt)
+        prompt = message_text(prompt)
+    instructions = body.get("instructions")  # the Responses API's system message
+    return f"{instructions}\n{prompt}" if instructions else str(prompt)
 
 
 @dataclass
@@ -269,6 +249,7 @@ class SimulatorState:
                 "passages_shown": self.passages_shown,
                 "noise": self.noise.describe(),
                 "latency_s": self.latency_s,
+                "faults": self.faults.describe() if self.faults is not None else None,
             }
 
 
@@ -302,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "id": state.model,
                             "object": "model",
                             "owned_by": "permrank",
-                            "max_model_len": 131072,
+                            "max_model_len": 8192,
                         }
                     ],
                 },
@@ -328,6 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
             "/chat/completions",
             "/v1/completions",
             "/completions",
+            "/v1/responses",
+            "/responses",
         ):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
@@ -336,33 +319,81 @@ class _Handler(BaseHTTPRequestHandler):
         text, prompt_tokens, completion_tokens = state.answer(body)
         if state.latency_s > 0:
             time.sleep(state.latency_s)
+        payload = completion_payload(state, body, path, text, prompt_tokens, completion_tokens)
+        self._send(200, payload)
+
+
+def completion_payload(
+    state: SimulatorState,
+    body: dict[str, Any],
+    path: str,
+    text: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finish_reason: str = "stop",
+) -> dict[str, Any]:
+    """An OpenAI-style answer (chat or text completion, as ``path`` asks) carrying ``text``."""
+    if path.endswith("responses"):
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        created = int(time.time())
-        if path.endswith("chat/completions"):
-            choice: dict[str, Any] = {
-                "index": 0,
-                "finish_reason": "stop",
-                "message": {"role": "assistant", "content": text},
-            }
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "finish_reason": "stop", "text": text}
-            obj = "text_completion"
-        self._send(
-            200,
+        return responses_payload(state, body, text, usage, int(time.time()))
+    if path.endswith("chat/completions"):
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish_reason,
+            "message": {"role": "assistant", "content": text},
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "finish_reason": finish_reason, "text": text}
+        obj = "text_completion"
+    return {
+        "id": f"sim-{state.requests}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": body.get("model", state.model),
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def responses_payload(
+    state: SimulatorState, body: dict[str, Any], text: str, usage: dict[str, int], created: int
+) -> dict[str, Any]:
+    """An answer in the shape of OpenAI's Responses API (``POST /v1/responses``)."""
+    return {
+        "id": f"resp_sim{state.requests}",
+        "object": "response",
+        "created_at": created,
+        "status": "completed",
+        "model": body.get("model", state.model),
+        "output": [
             {
-                "id": f"sim-{state.requests}",
-                "object": obj,
-                "created": created,
-                "model": body.get("model", state.model),
-                "choices": [choice],
-                "usage": usage,
-            },
-        )
+                "type": "message",
+                "id": f"msg_sim{state.requests}",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": False,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"],
+        },
+    }
 
 
 class _Server(ThreadingHTTPServer):
@@ -386,10 +417,15 @@ class Simulator:
         port: int = 0,
         noise: Noise | None = None,
         latency_s: float = 0.0,
+        faults: Any = None,
     ):
-        self.state = SimulatorState(corpus=corpus, noise=noise or Noise(), latency_s=latency_s)
+        self.state = SimulatorState(
+            corpus=corpus, noise=noise or Noise(), latency_s=latency_s, faults=faults
+        )
         self.server = _Server((host, port), self.state)
         self.thread: threading.Thread | None = None
+        if faults is not None and hasattr(faults, "bind"):
+            faults.bind(self)  # a fault may restart the server (see permrank.simfaults)
 
     @property
     def port(self) -> int:
@@ -410,6 +446,20 @@ class Simulator:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def restart(self, down_s: float) -> None:
+        """Stop listening (connections are refused) for ``down_s`` seconds, then listen again
+        on the same address, as a server that restarts does. Answers in progress finish."""
+        address = self.server.server_address[:2]
+        self.stop()
+        time.sleep(down_s)
+        self.server = _Server(address, self.state)  # type: ignore[arg-type]
+        self.start()
+
+    def wait(self) -> None:
+        """Serve until the process is stopped (restarts included)."""
+        while True:
+            time.sleep(3600)
 
     def __enter__(self) -> Simulator:
         return self.start()

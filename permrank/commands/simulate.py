@@ -6,7 +6,9 @@ import argparse
 import signal
 import sys
 
-from ..simulator import Corpus, Noise, Simulator
+from ..simfaults import add_fault_options, faults_from_args
+from ..simnoise import parse_noise
+from ..simulator import Corpus, Simulator
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,13 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
     p.add_argument(
         "--noise",
-        type=float,
-        default=0.0,
-        help="probability of swapping each adjacent pair of the true order (0)",
+        default="0",
+        metavar="SPEC",
+        help="how the judge errs: a swap probability (0.1), or KEY:VALUE,... with keys swap "
+        "(adjacent swap probability), bias (grades added at a window's ends), miss "
+        "(probability a passage is left out), attention (passages read well), blur, seed; "
+        "e.g. swap:0.1,bias:0.5,miss:0.02,attention:10 (0: exact)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
     p.add_argument("--model", default="permrank-simulator", help="model name it reports")
+    add_fault_options(p)
     p.set_defaults(func=run)
 
 
@@ -50,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
         corpus_from_args(args),
         host=args.host,
         port=args.port,
-        noise=Noise(swap=args.noise, seed=args.seed),
+        noise=parse_noise(args.noise, seed=args.seed),
         latency_s=args.latency,
+        faults=faults_from_args(args),
     )
     sim.state.model = args.model
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -61,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        sim.serve_forever()
+        sim.start()
+        sim.wait()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:

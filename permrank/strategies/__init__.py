@@ -1,6 +1,14 @@
 """Strategies: which windows to ask and how to merge their answers. Pure, no I/O.
 
 A strategy is a value a user names: ``get_strategy("sliding", window_size=20, step=10)``.
+
+- ``sliding``: RankGPT's sliding window; one window per round (9 rounds for 100 with 20/10).
+- ``tournament``: parallel heats and merges; the true top ``top_n`` of a perfect judge is
+  guaranteed; 3 rounds for the top-10 of 100 with windows of 20.
+- ``tdpart``: top-down partitioning around a pivot (Parry et al. 2024); same guarantee,
+  usually 3 rounds and about 0.7x the passages shown by ``sliding``.
+- ``selfconsistency``: asks each window of an ``inner`` strategy in several shuffled orders at
+  once and aggregates them (Borda or Kemeny), to cancel position bias (Tang et al. 2024).
 """
 
 from __future__ import annotations
@@ -9,9 +17,17 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Plan, Strategy, Window, run_plan
+from .selfconsistency import SelfConsistency
 from .sliding import SlidingWindow, window_bounds
+from .tdpart import TopDownPartition
+from .tournament import Tournament
 
-STRATEGIES: dict[str, type] = {"sliding": SlidingWindow}
+STRATEGIES: dict[str, type] = {
+    "sliding": SlidingWindow,
+    "tournament": Tournament,
+    "tdpart": TopDownPartition,
+    "selfconsistency": SelfConsistency,
+}
 
 
 def register(name: str, cls: type) -> None:
@@ -36,8 +52,11 @@ def get_strategy(name: str = "sliding", **params: Any) -> Strategy:
 __all__ = [
     "Plan",
     "STRATEGIES",
+    "SelfConsistency",
     "SlidingWindow",
     "Strategy",
+    "TopDownPartition",
+    "Tournament",
     "Window",
     "get_strategy",
     "register",
