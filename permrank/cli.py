@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "permrank.commands.evaluate",
     "permrank.commands.simulate",
     "permrank.commands.serve",
+    "permrank.commands.models",
     "permrank.commands.distill",
     "permrank.commands.demo",
 )

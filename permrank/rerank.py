@@ -316,7 +316,9 @@ class Reranker:
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default).
-    A ready ``backend`` can be given instead of ``model`` + ``base_url``.
+    A ready ``backend`` can be given instead of ``model`` + ``base_url``, or
+    ``backend="vllm"``: vLLM in this process, ``model`` being a Hugging Face model folder (the
+    ``vllm`` extra; every window of a round, across queries, in one generate call).
     ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
     forces every answer into the ``[i] > [j] > ...`` shape (``permrank.constrain``).
     """
@@ -326,7 +328,7 @@ class Reranker:
         model: str | None = None,
         base_url: str | None = None,
         *,
-        backend: Backend | None = None,
+        backend: Backend | str | None = None,
         strategy: str | Strategy = "sliding",
         window_size: int = 20,
         step: int | None = None,
@@ -365,7 +367,17 @@ class Reranker:
             )
         self.strategy = strategy
         self.template = prompt if isinstance(prompt, Template) else load_template(prompt)
-        if backend is None:
+        if backend == "vllm":
+            from .backends.vllm_inprocess import VllmInProcessBackend
+            from .commands.models import default_model_dir
+
+            backend = VllmInProcessBackend(
+                model or default_model_dir(), max_model_len=context_window
+            )
+            tokenizer = tokenizer or backend.tokenizer()
+        elif isinstance(backend, str) and backend != "openai":
+            raise ConfigError(f"backend must be 'openai', 'vllm' or a Backend (got {backend!r})")
+        if backend is None or backend == "openai":
             from .backends.openai import OpenAIBackend
 
             backend = OpenAIBackend(

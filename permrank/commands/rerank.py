@@ -52,6 +52,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model", help="model name the endpoint serves")
     g.add_argument(
+        "--backend",
+        choices=("openai", "vllm"),
+        default="openai",
+        help="openai: an OpenAI-compatible endpoint (default); vllm: vLLM in this process, "
+        "--model being a Hugging Face model folder (default: the converted SmolLM2), every "
+        "window of a round in one generate call (needs the vllm extra)",
+    )
+    g.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
         metavar="VAR",
@@ -231,8 +239,12 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
     endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
+    vllm = getattr(args, "backend", "openai") == "vllm"
+    if vllm:
+        # vLLM in this process: --model is a model folder; no endpoint is probed or started.
+        overrides.update(backend="vllm", model=args.model, base_url=None)
     base_url = overrides.get("base_url", args.base_url)
-    if info is None and (not base_url or not overrides.get("model", args.model)):
+    if not vllm and info is None and (not base_url or not overrides.get("model", args.model)):
         raise ConfigError(
             "give --base-url and --model of an OpenAI-compatible endpoint "
             "(a vLLM server, llama.cpp's server, OpenAI), or start one with "
@@ -259,7 +271,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     if constrain is not None:
         from ..constrain import check_mode, mode_for_server
 
-        kind = info.kind if info is not None else "unknown"
+        kind = "vllm" if vllm else info.kind if info is not None else "unknown"
         constrain = mode_for_server(kind) if constrain == "auto" else constrain
         check_mode(constrain, kind)
     options: dict[str, Any] = dict(
@@ -328,6 +340,8 @@ def run_on_endpoint(args: argparse.Namespace) -> int:
 
     Input, flags and template are checked first: nothing is refused after a server started."""
     prepared = precheck(args)
+    if getattr(args, "backend", "openai") == "vllm":
+        return run(args, prepared)  # vLLM in this process: no endpoint to probe or start
     with model_endpoint(args) as args.endpoint:
         return run(args, prepared)
 
@@ -481,7 +495,7 @@ def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] |
         )
     n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
-    if getattr(args, "endpoint", None) is None:
+    if getattr(args, "endpoint", None) is None and getattr(args, "backend", "openai") != "vllm":
         check_settings(args)
     return n_queries, qrels
 
