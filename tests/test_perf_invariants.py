@@ -59,3 +59,26 @@ def test_fitted_windows_never_exceed_the_context(context_window: int) -> None:
         )
         used = count_message_tokens(messages, tokenizer)
         assert context_window * 0.8 < used + 100 <= context_window
+
+
+def test_simulator_counts_prompt_tokens_exactly() -> None:
+    """The simulator counts a prompt piece by piece (pieces remembered); the total is the whole
+    text's count, for rendered windows and for text with odd newlines, spaces and brackets."""
+    from permrank.simulator import count_prompt_tokens, message_text
+
+    tokenizer = default_tokenizer()
+    request = next(iter(read_requests(FIXTURE)))
+    prompts = []
+    for name in ("rankgpt", "rankzephyr"):
+        passages = [(c.text, c.title) for c in request.candidates[:20]] + [
+            (t, None) for t in HOSTILE
+        ]
+        prompts.append(message_text(render_window(load_template(name), "q", passages)))
+    prompts += [
+        "a\n\n b\n[1] x\n [2]  y ]\n] z\n\n\n's\n1] 2\n ",
+        "]] ] \n\n]\n",
+        "[1] é\n\t[2] 😀 ] \r\nRank: [3] > [1]",
+        "",
+    ]
+    for text in prompts:
+        assert count_prompt_tokens(text) == tokenizer.count(text), text[:80]
