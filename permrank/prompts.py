@@ -14,6 +14,7 @@ template is loaded, with the file and the placeholder named.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from .errors import TemplateError
 from .tokens import Tokenizer, default_tokenizer
@@ -31,6 +32,8 @@ TEMPLATE_FIELDS = {"query", "num", "passages"}
 PASSAGE_FIELDS = {"query", "num", "id", "passage", "text", "title"}
 MESSAGE_OVERHEAD_TOKENS = 4
 """Tokens a chat template adds around each message (role markers); counted in budgets."""
+EDGE_MARGIN_TOKENS = 2
+"""Tokens a passage may add at its two edges when joined to the template's text (BPE merges)."""
 
 
 _IDENTIFIER = re.compile(r"[\[【［〔]\s*(\d{1,4})\s*[\]】］〕]")
@@ -43,6 +46,7 @@ _CONTROL = re.compile(
 _LOOKALIKE = str.maketrans({"<": "‹", ">": "›", "[": "⟦", "]": "⟧"})
 
 
+@functools.lru_cache(maxsize=65536)
 def as_data(text: str) -> str:
     """A passage or query as shown to the model: data that cannot pass for prompt structure.
 
@@ -72,6 +76,10 @@ class Template(BaseModel):
     passage_separator: str = "\n"
     source: str = ""
     sha256: str = ""
+    _token_counts: dict[tuple[str, int, object], tuple[int, int, int]] = PrivateAttr(
+        default_factory=dict
+    )
+    """Token counts of the template with empty passages (see ``_template_tokens``)."""
 
     def render(self, query: str, passages: list[tuple[str, str | None]]) -> list[dict[str, str]]:
         """Messages for one window: ``passages`` are (text, title) pairs, identifier 1 first.
@@ -218,6 +226,60 @@ def count_message_tokens(messages: list[dict[str, str]], tokenizer: Tokenizer) -
     return sum(tokenizer.count(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
 
 
+def _passage_uses(template: Template) -> tuple[int, int]:
+    """How many times one passage's text and its title appear in a rendered window."""
+    texts = titles = 0
+    for msg in template.messages:
+        fields = [n for _, n, _, _ in string.Formatter().parse(msg.content) if n is not None]
+        if msg.for_each_passage:
+            patterns = [fields]
+        else:
+            pattern = [n for _, n, _, _ in string.Formatter().parse(template.passage) if n]
+            patterns = [pattern] * fields.count("passages")
+        for names in patterns:
+            texts += names.count("passage") + names.count("text")
+            titles += names.count("passage") + names.count("title")
+    return texts, titles
+
+
+def _template_tokens(
+    template: Template, query: str, num: int, tokenizer: Tokenizer
+) -> tuple[int, int, int]:
+    """The window's tokens with every passage empty, and how often a passage's text and title
+    appear in it; counted once per template, query, window length and tokenizer."""
+    key = (query, num, tokenizer)
+    found = template._token_counts.get(key)
+    if found is None:
+        if len(template._token_counts) >= 4096:
+            template._token_counts.clear()
+        empty = count_message_tokens(template.render(query, [("", None)] * num), tokenizer)
+        found = template._token_counts[key] = (empty, *_passage_uses(template))
+    return found
+
+
+def estimate_window_tokens(
+    template: Template,
+    query: str,
+    passages: list[tuple[str, str | None]],
+    tokenizer: Tokenizer,
+) -> int:
+    """An upper bound of ``count_message_tokens`` of the rendered window, without rendering it.
+
+    The template with empty passages is counted once per template, query and window length;
+    each passage's shown text (``as_data``) is counted on its own (a caching tokenizer counts it
+    once across the windows it appears in), plus ``EDGE_MARGIN_TOKENS`` at each appearance for
+    the tokens its edges may merge into or split from the template's text.
+    """
+    overhead, text_uses, title_uses = _template_tokens(template, query, len(passages), tokenizer)
+    total = overhead
+    for text, title in passages:
+        total += text_uses * (tokenizer.count(as_data(text)) + EDGE_MARGIN_TOKENS)
+        if title:
+            # "{title}: {text}": the title, the colon and space, one more edge.
+            total += title_uses * (tokenizer.count(as_data(title)) + 1 + EDGE_MARGIN_TOKENS)
+    return total
+
+
 def render_window(
     template: Template,
     query: str,
@@ -231,34 +293,49 @@ def render_window(
 
     Each passage is cut to ``max_passage_tokens``; if the prompt and ``max_tokens`` of answer
     still exceed the context, every passage is cut to an equal share of what is left.
+    A window is measured by ``estimate_window_tokens`` (template counted once, passages one by
+    one); only a window whose estimate exceeds the room is counted exactly, whole.
     """
     budget = budget or PromptBudget()
     tokenizer = tokenizer or default_tokenizer()
     max_tokens = max_tokens if max_tokens is not None else answer_tokens(len(passages), tokenizer)
     query = tokenizer.truncate(query, budget.max_query_tokens)
 
+    def shown(text: str, limit: int) -> str:
+        """``text`` as shown (``as_data``) and cut to ``limit`` tokens; one count if not cut."""
+        text = as_data(text)
+        if tokenizer.count(text) <= limit:
+            return text
+        return as_data(tokenizer.truncate(text, limit))
+
     def cut(limit: int) -> list[tuple[str, str | None]]:
         """Each passage to ``limit`` tokens, title included (a title takes at most half)."""
         out = []
         for text, title in passages:
             if title:
-                title = tokenizer.truncate(title, limit // 2)
-                text = tokenizer.truncate(text, max(0, limit - tokenizer.count(title)))
+                title = shown(title, limit // 2)
+                text = shown(text, max(0, limit - tokenizer.count(title)))
             else:
-                text = tokenizer.truncate(text, limit)
+                text = shown(text, limit)
             out.append((text, title))
         return out
 
-    messages = template.render(query, cut(budget.max_passage_tokens))
+    def fits(shown: list[tuple[str, str | None]]) -> list[dict[str, str]] | None:
+        if estimate_window_tokens(template, query, shown, tokenizer) <= available:
+            return template.render(query, shown)
+        messages = template.render(query, shown)
+        return messages if count_message_tokens(messages, tokenizer) <= available else None
+
     available = budget.context_window - max_tokens
-    if count_message_tokens(messages, tokenizer) <= available:
+    messages = fits(cut(budget.max_passage_tokens))
+    if messages is not None:
         return messages
-    overhead = count_message_tokens(template.render(query, [("", None)] * len(passages)), tokenizer)
+    overhead = _template_tokens(template, query, len(passages), tokenizer)[0]
     share = min((available - overhead) // max(1, len(passages)), budget.max_passage_tokens)
     # Token counts are not additive across cuts at the edges: trim until it fits.
     while share >= 8:
-        messages = template.render(query, cut(share))
-        if count_message_tokens(messages, tokenizer) <= available:
+        messages = fits(cut(share))
+        if messages is not None:
             return messages
         share -= max(1, share // 10)
     raise TemplateError(

@@ -16,6 +16,7 @@ The judge itself (``judge_order``) is a pure function; the HTTP layer is thin.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -53,6 +54,11 @@ class SimQuery:
     text: str
     passages: list[tuple[str, str, int]]
     """(docid, normalised text, grade) of each candidate."""
+    by_prefix: dict[str, list[int]] = field(default_factory=dict)
+    """Indices of the passages by their first ``PREFIX_CHARS`` characters (set by Corpus)."""
+    prefix_words: dict[str, str] = field(default_factory=dict)
+    """A word each prefix holds whole (spaces around it), so must be a word of a prompt that
+    shows the prefix: a cheap test before searching for the prefix (set by Corpus)."""
 
 
 class Corpus:
@@ -66,6 +72,14 @@ class Corpus:
             # Texts as templates show them (passages are inserted as data, see prompts.as_data).
             q.text = _norm(as_data(q.text))
             q.passages = [(d, _norm(as_data(t)), g) for d, t, g in q.passages]
+            q.by_prefix = {}
+            for i, (_, text, _) in enumerate(q.passages):
+                if text:
+                    q.by_prefix.setdefault(text[:PREFIX_CHARS], []).append(i)
+            for prefix in q.by_prefix:
+                words = prefix.split(" ")
+                if len(words) >= 3:
+                    q.prefix_words[prefix] = max(words[1:-1], key=len)
             self.queries[q.qid] = q
         self._longest_first = sorted(
             (q for q in self.queries.values() if q.text), key=lambda q: -len(q.text)
@@ -120,6 +134,8 @@ class Corpus:
 
 def _common_prefix(prompt: str, position: int, text: str) -> int:
     """How many characters of ``text`` stand in ``prompt`` at ``position`` (binary search)."""
+    if prompt.startswith(text, position):
+        return len(text)  # shown whole, the usual case
     lo, hi = 0, min(len(text), len(prompt) - position)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -137,12 +153,12 @@ def find_passages(prompt: str, query: SimQuery) -> list[int]:
     longest there; occurrences inside a passage already found are skipped (MS MARCO passages
     repeat text); identical texts go to twins not yet shown.
     """
-    by_prefix: dict[str, list[int]] = {}
-    for i, (_, text, _) in enumerate(query.passages):
-        if text:
-            by_prefix.setdefault(text[:PREFIX_CHARS], []).append(i)
     hits: list[tuple[int, int, list[int]]] = []  # (position, -matched length, candidates)
-    for prefix, indices in by_prefix.items():
+    words = set(prompt.split(" "))
+    for prefix, indices in query.by_prefix.items():
+        word = query.prefix_words.get(prefix)
+        if word is not None and word not in words:
+            continue  # the prefix holds a whole word the prompt does not have
         position = prompt.find(prefix)
         while position != -1:
             lengths = {i: _common_prefix(prompt, position, query.passages[i][1]) for i in indices}
@@ -173,6 +189,40 @@ def find_passages(prompt: str, query: SimQuery) -> list[int]:
         shown.append(free[0])
         covered_to = position - neg_length
     return shown
+
+
+@functools.lru_cache(maxsize=65536)
+def _piece_tokens(piece: str) -> int:
+    return default_tokenizer().count(piece)
+
+
+def count_prompt_tokens(text: str) -> int:
+    """``default_tokenizer().count(text)``, counted piece by piece with the pieces remembered.
+
+    Prompts repeat their lines (a passage is shown in several windows, instructions in all).
+    cl100k_base never lets a pre-token (the unit its BPE merges within) run from a newline into
+    a following non-space character, nor from a ``]`` into a following space, so the text is cut
+    at those places (a line's first ``] ``: after the identifier) and the pieces' counts add up
+    to the whole's exactly. Another tokenizer counts the whole text.
+    """
+    if default_tokenizer().name != "cl100k_base":
+        return default_tokenizer().count(text)
+    lines = text.split("\n")
+    pieces = [lines[0]]
+    for line in lines[1:]:
+        if line and not line[0].isspace():
+            pieces[-1] += "\n"
+            pieces.append(line)
+        else:  # an empty line, or one starting with a space: kept with the line before
+            pieces[-1] += "\n" + line
+    total = 0
+    for piece in pieces:
+        head, sep, tail = piece.partition("] ")
+        if sep:
+            total += _piece_tokens(head + "]") + _piece_tokens(" " + tail)
+        else:
+            total += _piece_tokens(piece)
+    return total
 
 
 def message_text(messages: list[Any]) -> str:
@@ -236,7 +286,7 @@ class SimulatorState:
             order = judge_order(grades, self.noise, key)
             text = " > ".join(f"[{i + 1}]" for i in order)
         messages = body.get("messages") or []
-        prompt_tokens = tokenizer.count(raw) + 4 * len(messages)
+        prompt_tokens = count_prompt_tokens(raw) + 4 * len(messages)
         return text, prompt_tokens, tokenizer.count(text)
 
     def stats(self) -> dict[str, Any]:
