@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -159,8 +160,8 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
         raise InputError(f"cannot read ({exc})", path=path) from None
 
 
-def read_requests(path: str | Path) -> Iterator[Request]:
-    """Stream the requests of a JSONL file (either layout, plain or .gz)."""
+def _numbered_requests(path: str | Path) -> Iterator[tuple[int, Request]]:
+    """Each request of a JSONL file with its line number; blank lines skipped."""
     for lineno, line in _lines(path):
         if not line.strip():
             continue
@@ -172,7 +173,13 @@ def read_requests(path: str | Path) -> Iterator[Request]:
                 path=str(path),
                 line=lineno,
             ) from None
-        yield parse_request(record, path=str(path), line=lineno)
+        yield lineno, parse_request(record, path=str(path), line=lineno)
+
+
+def read_requests(path: str | Path) -> Iterator[Request]:
+    """Stream the requests of a JSONL file (either layout, plain or .gz)."""
+    for _, request in _numbered_requests(path):
+        yield request
 
 
 def validate_requests(path: str | Path, limit: int | None = None) -> tuple[int, int]:
@@ -184,20 +191,7 @@ def validate_requests(path: str | Path, limit: int | None = None) -> tuple[int, 
     """
     first_line: dict[str, int] = {}
     queries = candidates = 0
-    for lineno, line in _lines(path):
-        if limit is not None and queries >= limit:
-            break
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(
-                f"malformed JSON ({exc.msg} at column {exc.colno}): fix or remove this line",
-                path=str(path),
-                line=lineno,
-            ) from None
-        request = parse_request(record, path=str(path), line=lineno)
+    for lineno, request in itertools.islice(_numbered_requests(path), limit):
         qid = request.query.qid
         if qid in first_line:
             raise InputError(
