@@ -6,6 +6,8 @@ ranking = reranker.rank("how long is the life cycle of a flea", passages)
 ranking.candidates  # most relevant first
 """
 
+__version__ = "0.1.0"  # before the imports: modules below read it
+
 from .errors import (
     BackendError,
     ConfigError,
@@ -19,8 +21,6 @@ from .prompts import load_template
 from .rerank import Reranker
 from .strategies import SlidingWindow, get_strategy
 from .types import Candidate, Query, Ranking, RepairReport, Request, Usage, WindowTrace
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendError",

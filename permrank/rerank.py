@@ -315,8 +315,10 @@ class Reranker:
     ``top_n`` (tournament, tdpart), ``strategy_options`` (any other strategy parameter, e.g.
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
-    ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default).
-    A ready ``backend`` can be given instead of ``model`` + ``base_url``, or
+    ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default),
+    ``transport`` ("auto": permrank's lean HTTP client for ``http://`` endpoints without a proxy,
+    the openai SDK otherwise; "openai" or "plain" to choose). A ready ``backend`` can be given
+    instead of ``model`` + ``base_url``, or
     ``backend="vllm"``: vLLM in this process, ``model`` being a Hugging Face model folder (the
     ``vllm`` extra; every window of a round, across queries, in one generate call).
     ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
@@ -349,6 +351,7 @@ class Reranker:
         api_key_env: str = "OPENAI_API_KEY",
         timeout_s: float = 120.0,
         max_retries: int = 5,
+        transport: str = "auto",
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
@@ -388,6 +391,7 @@ class Reranker:
                 rps=rps,
                 timeout_s=timeout_s,
                 max_retries=max_retries,
+                transport=transport,
             )
         if cache is not None:
             from .backends.cache import CachingBackend

@@ -119,7 +119,19 @@ def server() -> Iterator[Server]:
     srv.server_close()
 
 
+@pytest.fixture(autouse=True, params=["auto", "openai"], ids=["plain-http", "openai-sdk"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every test runs through both HTTP clients: permrank's own (what ``auto`` picks for a
+    loopback ``http://`` URL) and the openai SDK."""
+    TRANSPORT[0] = request.param
+    return request.param
+
+
+TRANSPORT = ["auto"]
+
+
 def backend_for(srv: Server, **options: Any) -> OpenAIBackend:
+    options.setdefault("transport", TRANSPORT[0])
     options.setdefault("retry_base_s", 0.01)
     options.setdefault("timeout_s", 5.0)
     return OpenAIBackend(

@@ -1,9 +1,12 @@
 """Any OpenAI-compatible ``/v1/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp, ...).
 
-Built on ``openai.AsyncOpenAI`` with the client's own retries off: tenacity retries 429, 5xx,
-timeouts and dropped connections with exponential backoff and jitter, honouring ``Retry-After``,
-a bounded number of times. asyncio-throttle caps requests per second; a semaphore caps requests
-in flight. The API key is read from an environment variable and never logged or written.
+Requests go through ``openai.AsyncOpenAI`` (its own retries off), or, for a plain ``http://``
+endpoint that no proxy applies to (a local vLLM or llama.cpp server), through the lean client of
+``permrank.backends.http``, which costs a fraction of the SDK's CPU per request
+(``transport="openai"`` forces the SDK). Either way tenacity retries 429, 5xx, timeouts and
+dropped connections with exponential backoff and jitter, honouring ``Retry-After``, a bounded
+number of times; asyncio-throttle caps requests per second; a semaphore caps requests in flight.
+The API key is read from an environment variable and never logged or written.
 """
 
 from __future__ import annotations
@@ -20,18 +23,23 @@ import openai
 from asyncio_throttle import Throttler
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from .. import __version__
 from ..errors import BackendError, ConfigError
 from ..types import Completion
+from .http import HTTPStatusError, PlainHTTPClient, TransportError, plain_http_applies
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+TRANSPORTS = ("auto", "openai", "plain")
+
+
 def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, openai.APIStatusError | HTTPStatusError):
         return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
-    return isinstance(exc, openai.APIConnectionError | asyncio.TimeoutError)
+    return isinstance(exc, openai.APIConnectionError | TransportError | asyncio.TimeoutError)
 
 
 def retry_after_seconds(exc: BaseException) -> float | None:
@@ -60,13 +68,16 @@ def retry_after_seconds(exc: BaseException) -> float | None:
 
 
 def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, openai.APIStatusError | HTTPStatusError):
         return f"HTTP {exc.status_code}: {exc.message}"
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError | asyncio.TimeoutError):
         return "timed out"
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc.__context__
         return f"connection failed ({type(cause).__name__ if cause else 'no answer'})"
+    if isinstance(exc, TransportError):
+        cause = exc.cause
+        return f"connection failed ({type(cause).__name__ if cause else exc})"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -85,6 +96,7 @@ class OpenAIBackend:
         max_retries: int = 5,
         retry_base_s: float = 0.5,
         retry_max_s: float = 60.0,
+        transport: str = "auto",
     ):
         if not base_url:
             raise ConfigError("no endpoint: give --base-url (e.g. http://127.0.0.1:8000/v1)")
@@ -94,6 +106,14 @@ class OpenAIBackend:
             raise ConfigError(f"concurrency must be at least 1 (got {concurrency})")
         if rps is not None and rps <= 0:
             raise ConfigError(f"rps must be positive (got {rps}); leave it out for no limit")
+        if transport not in TRANSPORTS:
+            raise ConfigError(
+                f"transport must be one of {', '.join(TRANSPORTS)} (got {transport!r})"
+            )
+        if transport == "plain" and not base_url.startswith("http://"):
+            raise ConfigError(
+                f"transport 'plain' speaks only http:// (got {base_url!r}); use 'auto' or 'openai'"
+            )
         self.endpoint = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -103,18 +123,36 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
-        self._client: openai.AsyncOpenAI | None = None
+        self.plain = transport == "plain" or (
+            transport == "auto" and plain_http_applies(self.endpoint)
+        )
+        """Requests go through ``PlainHTTPClient`` (else the openai SDK)."""
+        self._client: openai.AsyncOpenAI | PlainHTTPClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._throttler: Throttler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _ensure(self) -> openai.AsyncOpenAI:
+    def _ensure(self) -> openai.AsyncOpenAI | PlainHTTPClient:
         # A client, its connections and its limits belong to one event loop: a new loop (each
         # asyncio.run, or the sync API's own loop after an async call) gets its own.
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self._loop = loop
             key = os.environ.get(self.api_key_env) or "EMPTY"
+            self._semaphore = asyncio.Semaphore(self.concurrency)
+            if self.rps is not None:
+                self._throttler = Throttler(rate_limit=1, period=1.0 / self.rps)
+            if self.plain:
+                self._client = PlainHTTPClient(
+                    self.endpoint,
+                    headers={
+                        "Authorization": f"Bearer {key}",
+                        "User-Agent": f"permrank/{__version__}",
+                    },
+                    timeout_s=self.timeout_s,
+                    max_idle=self.concurrency,
+                )
+                return self._client
             self._client = openai.AsyncOpenAI(
                 base_url=self.endpoint,
                 api_key=key,
@@ -126,9 +164,6 @@ class OpenAIBackend:
                     timeout=self.timeout_s, limits=self._connection_limits()
                 ),
             )
-            self._semaphore = asyncio.Semaphore(self.concurrency)
-            if self.rps is not None:
-                self._throttler = Throttler(rate_limit=1, period=1.0 / self.rps)
         return self._client
 
     def _connection_limits(self) -> Any:
@@ -182,9 +217,14 @@ class OpenAIBackend:
                     with attempt:
                         if self._throttler is not None:
                             await self._throttler.acquire()
-                        answer = await client.post(route, body=body, cast_to=object)
+                        if isinstance(client, PlainHTTPClient):
+                            answer = await client.post_json(route, body)
+                        else:
+                            answer = await client.post(route, body=body, cast_to=object)
         except Exception as exc:
-            if isinstance(exc, openai.APIError | asyncio.TimeoutError):
+            if isinstance(
+                exc, openai.APIError | HTTPStatusError | TransportError | asyncio.TimeoutError
+            ):
                 tries = self.max_retries + 1 if is_retryable(exc) else 1
                 reason = self.redact(describe_failure(exc))
                 raise BackendError(
@@ -242,10 +282,14 @@ class OpenAIBackend:
             "rps": self.rps,
             "timeout_s": self.timeout_s,
             "max_retries": self.max_retries,
+            "transport": "plain http" if self.plain else "openai sdk",
         }
 
     async def aclose(self) -> None:
         if self._client is not None:
             if self._loop is asyncio.get_running_loop():  # else its loop is gone, and with it
-                await self._client.close()
+                if isinstance(self._client, PlainHTTPClient):
+                    await self._client.aclose()
+                else:
+                    await self._client.close()
             self._client = None

@@ -89,6 +89,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="retries of a failed request (429, 5xx, timeouts) before giving up (5)",
     )
     g.add_argument(
+        "--transport",
+        choices=("auto", "openai", "plain"),
+        default="auto",
+        help="HTTP client: 'plain' (permrank's lean HTTP/1.1 client, a fraction of the CPU per "
+        "request), 'openai' (the openai SDK), 'auto' (plain for http:// without a proxy, "
+        "else the SDK; the default)",
+    )
+    g.add_argument(
         "--cache",
         metavar="PATH",
         help="SQLite file of model answers, shared safely by several runs (default: "
@@ -301,6 +309,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        transport=getattr(args, "transport", "auto"),
         tokenizer=tokenizer,
         constrain=constrain,
         cache=cache_path_of(args),
