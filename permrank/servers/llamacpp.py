@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+
+# `name as name`: re-exported, importable from here as before (tests, bench, backends).
 from .process import ManagedServer
 from .process import free_port as free_port
 from .process import log_tail as log_tail

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from ..errors import ConfigError
+
+# `name as name`: re-exported, importable from here as before (tests, bench, backends).
 from .process import REAPER as REAPER
 from .process import ManagedServer
 from .process import Stoppable as Stoppable
