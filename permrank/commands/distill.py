@@ -29,7 +29,7 @@ from ..io import read_requests, validate_requests, write_json_atomic
 from ..manifest import build_manifest, now
 from ..rerank import Reranker
 from ..types import Ranking, Request, Usage
-from .rerank import add_model_options, limited, reranker_from_args, summary_lines
+from .rerank import add_model_options, add_run_options, limited, reranker_from_args, summary_lines
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -72,16 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seed of the shuffles and of pair/negative sampling (0)",
     )
     p.add_argument("--qrels", help="TREC qrels: stats report the labels' agreement with them")
-    p.add_argument("--limit", type=int, default=None, help="only the first N queries")
-    p.add_argument(
-        "--depth", type=int, default=None, help="keep only the first N candidates of each query"
-    )
-    p.add_argument(
-        "--on-error",
-        choices=("fail", "skip"),
-        default="fail",
-        help="a query that fails after retries stops the run (fail, default) or is left out "
-        "and retried by the next run (skip)",
+    add_run_options(
+        p,
+        limit_help="only the first N queries",
+        skip_help="left out and retried by the next run",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     g = p.add_argument_group("pairwise sampling (ranks are the teacher's, 1-based)")

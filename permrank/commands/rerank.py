@@ -385,6 +385,22 @@ def cache_path_of(args: argparse.Namespace) -> Path | None:
     return Path(path) if path else default_cache_path()
 
 
+def add_run_options(parser: argparse.ArgumentParser, *, limit_help: str, skip_help: str) -> None:
+    """``--limit``, ``--depth`` and ``--on-error`` of a command that reranks a file of queries;
+    ``skip_help`` says what becomes of a failed query with ``--on-error skip``."""
+    parser.add_argument("--limit", type=int, default=None, help=limit_help)
+    parser.add_argument(
+        "--depth", type=int, default=None, help="keep only the first N candidates of each query"
+    )
+    parser.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a query that fails after retries stops the run (fail, default) or is "
+        f"{skip_help} (skip)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "rerank",
@@ -399,16 +415,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trec", help="also write a TREC run file here")
     p.add_argument("--manifest", help="run manifest path (default: OUTPUT.manifest.json)")
     p.add_argument("--qrels", help="TREC qrels: print nDCG@10 before and after")
-    p.add_argument("--limit", type=int, default=None, help="rerank only the first N queries")
-    p.add_argument(
-        "--depth", type=int, default=None, help="keep only the first N candidates of each query"
-    )
-    p.add_argument(
-        "--on-error",
-        choices=("fail", "skip"),
-        default="fail",
-        help="a query that fails after retries stops the run (fail, default) or is "
-        "written in its input order with the reason (skip)",
+    add_run_options(
+        p,
+        limit_help="rerank only the first N queries",
+        skip_help="written in its input order with the reason",
     )
     p.add_argument(
         "--overwrite",

@@ -210,6 +210,15 @@ def cut(pipeline: Pipeline, text: str, title: str | None = None, limit: int | No
     return f"{as_data(pipeline.tokenizer.truncate(title, limit))}: {body}" if title else body
 
 
+def fill_prompt(prompt: str, pipeline: Pipeline, query: Query, **passages: Candidate) -> str:
+    """``prompt`` with its ``{query}`` and one field per named passage (``passage=c`` fills
+    ``{passage}``), each passage cut to the budget; all of it as data."""
+    from ..prompts import as_data
+
+    cuts = {field: cut(pipeline, c.text, c.title) for field, c in passages.items()}
+    return prompt.format(query=as_data(query.text), **cuts)
+
+
 def ranking_of(
     request: Request, order: list[int], trace: list[WindowTrace], rounds: int, started: float
 ) -> Ranking:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..prompts import as_data
 from ..types import Ranking, RepairReport, Request, WindowTrace
 from .base import (
     Route,
@@ -31,7 +30,7 @@ from .base import (
     ask_tokens,
     check_choice,
     check_top_k,
-    cut,
+    fill_prompt,
     ranking_of,
     trace_of,
 )
@@ -195,11 +194,7 @@ class Pairwise:
     ) -> tuple[float, WindowTrace]:
         """P(passage ``a``, shown as A, beats passage ``b``, shown as B)."""
         ca, cb = request.candidates[a], request.candidates[b]
-        text = self.prompt.format(
-            query=as_data(request.query.text),
-            passage_a=cut(pipeline, ca.text, ca.title),
-            passage_b=cut(pipeline, cb.text, cb.title),
-        )
+        text = fill_prompt(self.prompt, pipeline, request.query, passage_a=ca, passage_b=cb)
         c, tokens = await ask_tokens(
             pipeline,
             self.name,

