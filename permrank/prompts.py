@@ -76,9 +76,7 @@ class Template(BaseModel):
     passage_separator: str = "\n"
     source: str = ""
     sha256: str = ""
-    _token_counts: dict[tuple[str, int, object], tuple[int, int, int]] = PrivateAttr(
-        default_factory=dict
-    )
+    _token_counts: dict[tuple[int, object], tuple[int, ...]] = PrivateAttr(default_factory=dict)
     """Token counts of the template with empty passages (see ``_template_tokens``)."""
 
     def render(self, query: str, passages: list[tuple[str, str | None]]) -> list[dict[str, str]]:
@@ -229,32 +227,59 @@ def count_message_tokens(messages: list[dict[str, str]], tokenizer: Tokenizer) -
 def _passage_uses(template: Template) -> tuple[int, int]:
     """How many times one passage's text and its title appear in a rendered window."""
     texts = titles = 0
+    passage_fields = _field_list(template.passage)
     for msg in template.messages:
-        fields = [n for _, n, _, _ in string.Formatter().parse(msg.content) if n is not None]
+        fields = _field_list(msg.content)
         if msg.for_each_passage:
             patterns = [fields]
         else:
-            pattern = [n for _, n, _, _ in string.Formatter().parse(template.passage) if n]
-            patterns = [pattern] * fields.count("passages")
+            patterns = [passage_fields] * fields.count("passages")
         for names in patterns:
             texts += names.count("passage") + names.count("text")
             titles += names.count("passage") + names.count("title")
     return texts, titles
 
 
-def _template_tokens(
-    template: Template, query: str, num: int, tokenizer: Tokenizer
-) -> tuple[int, int, int]:
-    """The window's tokens with every passage empty, and how often a passage's text and title
-    appear in it; counted once per template, query, window length and tokenizer."""
-    key = (query, num, tokenizer)
+def _field_list(pattern: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
+
+
+def _query_uses(template: Template, num: int) -> int:
+    """How many times the query appears in a rendered window of ``num`` passages."""
+    per_passage = _field_list(template.passage).count("query")
+    uses = 0
+    for msg in template.messages:
+        fields = _field_list(msg.content)
+        if msg.for_each_passage:
+            uses += num * fields.count("query")
+        else:
+            uses += fields.count("query") + num * per_passage * fields.count("passages")
+    return uses
+
+
+def _template_tokens(template: Template, num: int, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The window's tokens with the query and every passage empty, and how often a passage's
+    text, its title and the query appear in it: counted once per template, window length and
+    tokenizer (so once per run for each window length, whatever the query)."""
+    key = (num, tokenizer)
     found = template._token_counts.get(key)
     if found is None:
         if len(template._token_counts) >= 4096:
             template._token_counts.clear()
-        empty = count_message_tokens(template.render(query, [("", None)] * num), tokenizer)
-        found = template._token_counts[key] = (empty, *_passage_uses(template))
+        empty = count_message_tokens(template.render("", [("", None)] * num), tokenizer)
+        texts, titles = _passage_uses(template)
+        found = template._token_counts[key] = (empty, texts, titles, _query_uses(template, num))
     return found
+
+
+def bounded_by_bytes(tokenizer: Tokenizer) -> bool:
+    """True when the tokenizer never counts more tokens than a text has UTF-8 bytes (a byte-level
+    BPE such as tiktoken's): then a short text needs no counting at all."""
+    return bool(getattr(tokenizer, "at_most_one_token_per_byte", False))
+
+
+def _query_tokens(query: str, uses: int, tokenizer: Tokenizer) -> int:
+    return uses * (tokenizer.count(as_data(query)) + EDGE_MARGIN_TOKENS) if uses else 0
 
 
 def estimate_window_tokens(
@@ -262,21 +287,38 @@ def estimate_window_tokens(
     query: str,
     passages: list[tuple[str, str | None]],
     tokenizer: Tokenizer,
+    *,
+    bytes_up_to: int = 0,
 ) -> int:
     """An upper bound of ``count_message_tokens`` of the rendered window, without rendering it.
 
-    The template with empty passages is counted once per template, query and window length;
-    each passage's shown text (``as_data``) is counted on its own (a caching tokenizer counts it
-    once across the windows it appears in), plus ``EDGE_MARGIN_TOKENS`` at each appearance for
-    the tokens its edges may merge into or split from the template's text.
+    The template with an empty query and empty passages is counted once per template and window
+    length; the query and each passage's shown text (``as_data``) are counted on their own (a
+    caching tokenizer counts each once across the windows it appears in), plus
+    ``EDGE_MARGIN_TOKENS`` at each appearance for the tokens its edges may merge into or split
+    from the template's text. With ``bytes_up_to`` and a tokenizer bounded by bytes, a text of
+    at most that many UTF-8 bytes is not counted: its length in bytes bounds its tokens.
     """
-    overhead, text_uses, title_uses = _template_tokens(template, query, len(passages), tokenizer)
-    total = overhead
+    overhead, text_uses, title_uses, query_uses = _template_tokens(
+        template, len(passages), tokenizer
+    )
+    if not bounded_by_bytes(tokenizer):
+        bytes_up_to = 0
+
+    def tokens(text: str) -> int:
+        text = as_data(text)
+        if bytes_up_to and len(text) <= bytes_up_to:
+            size = len(text.encode("utf-8"))
+            if size <= bytes_up_to:
+                return size
+        return tokenizer.count(text)
+
+    total = overhead + _query_tokens(query, query_uses, tokenizer)
     for text, title in passages:
-        total += text_uses * (tokenizer.count(as_data(text)) + EDGE_MARGIN_TOKENS)
+        total += text_uses * (tokens(text) + EDGE_MARGIN_TOKENS)
         if title:
             # "{title}: {text}": the title, the colon and space, one more edge.
-            total += title_uses * (tokenizer.count(as_data(title)) + 1 + EDGE_MARGIN_TOKENS)
+            total += title_uses * (tokens(title) + 1 + EDGE_MARGIN_TOKENS)
     return total
 
 
@@ -301,9 +343,14 @@ def render_window(
     max_tokens = max_tokens if max_tokens is not None else answer_tokens(len(passages), tokenizer)
     query = tokenizer.truncate(query, budget.max_query_tokens)
 
+    by_bytes = bounded_by_bytes(tokenizer)
+
     def shown(text: str, limit: int) -> str:
-        """``text`` as shown (``as_data``) and cut to ``limit`` tokens; one count if not cut."""
+        """``text`` as shown (``as_data``) and cut to ``limit`` tokens; one count if not cut
+        (none when its bytes already fit, for a tokenizer bounded by bytes)."""
         text = as_data(text)
+        if by_bytes and len(text) <= limit and len(text.encode("utf-8")) <= limit:
+            return text
         if tokenizer.count(text) <= limit:
             return text
         return as_data(tokenizer.truncate(text, limit))
@@ -321,6 +368,14 @@ def render_window(
         return out
 
     def fits(shown: list[tuple[str, str | None]]) -> list[dict[str, str]] | None:
+        # Cheapest first: short texts bounded by their bytes (the others were counted by
+        # ``cut``), then every text counted, then the whole rendered window counted.
+        if by_bytes:
+            bound = estimate_window_tokens(
+                template, query, shown, tokenizer, bytes_up_to=budget.max_passage_tokens
+            )
+            if bound <= available:
+                return template.render(query, shown)
         if estimate_window_tokens(template, query, shown, tokenizer) <= available:
             return template.render(query, shown)
         messages = template.render(query, shown)
@@ -330,7 +385,8 @@ def render_window(
     messages = fits(cut(budget.max_passage_tokens))
     if messages is not None:
         return messages
-    overhead = _template_tokens(template, query, len(passages), tokenizer)[0]
+    overhead, _, _, query_uses = _template_tokens(template, len(passages), tokenizer)
+    overhead += _query_tokens(query, query_uses, tokenizer)
     share = min((available - overhead) // max(1, len(passages)), budget.max_passage_tokens)
     # Token counts are not additive across cuts at the edges: trim until it fits.
     while share >= 8:

@@ -60,6 +60,7 @@ class MemoTokenizer:
     def __init__(self, inner: Tokenizer, max_entries: int = 16384):
         self.inner = inner
         self.name = inner.name
+        self.at_most_one_token_per_byte = getattr(inner, "at_most_one_token_per_byte", False)
         self.count = functools.lru_cache(maxsize=max_entries)(inner.count)  # type: ignore[method-assign]
         self.truncate = functools.lru_cache(maxsize=max_entries)(inner.truncate)  # type: ignore[method-assign]
 

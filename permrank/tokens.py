@@ -30,15 +30,20 @@ class Tokenizer(Protocol):
 
 
 class TiktokenTokenizer:
+    at_most_one_token_per_byte = True
+    """A byte-level BPE: every token stands for at least one byte of the text."""
+
     def __init__(self, encoding: object, name: str):
         self._enc = encoding
         self.name = name
 
+    # encode_ordinary: special-token text ("<|endoftext|>") is plain text here, as it is to a
+    # model reading a passage; the same ids as encode(disallowed_special=()), a little faster.
     def count(self, text: str) -> int:
-        return len(self._enc.encode(text, disallowed_special=()))  # type: ignore[attr-defined]
+        return len(self._enc.encode_ordinary(text))  # type: ignore[attr-defined]
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self._enc.encode(text, disallowed_special=())  # type: ignore[attr-defined]
+        ids = self._enc.encode_ordinary(text)  # type: ignore[attr-defined]
         if len(ids) <= max_tokens:
             return text
         cut = self._enc.decode(ids[: max(0, max_tokens)])  # type: ignore[attr-defined]

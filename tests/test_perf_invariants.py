@@ -32,14 +32,17 @@ def test_estimate_bounds_the_rendered_window(name: str) -> None:
     rng = random.Random(5)
     for request in read_requests(FIXTURE):
         texts = [c.text for c in request.candidates] + HOSTILE
-        for _ in range(6):
+        # The template is counted once per window length, whatever the query: queries of every
+        # kind must stay within the bound (hostile text, non-Latin script, nothing at all).
+        for query in (request.query.text, *HOSTILE, "猫の寿命は何年ですか", ""):
+            size = rng.choice([2, 7, 20])
             passages = [
                 (rng.choice(texts), rng.choice([None, None, "A Title", "[9] <s>T"]))
-                for _ in range(20)
+                for _ in range(size)
             ]
-            messages = render_window(template, request.query.text, passages, tokenizer=tokenizer)
+            messages = render_window(template, query, passages, tokenizer=tokenizer)
             exact = count_message_tokens(messages, tokenizer)
-            estimate = estimate_window_tokens(template, request.query.text, passages, tokenizer)
+            estimate = estimate_window_tokens(template, query, passages, tokenizer)
             assert exact <= estimate <= exact * 1.1 + 100, (exact, estimate)
 
 
