@@ -138,7 +138,12 @@ class PlainHTTPClient:
             try:
                 connection.writer.write(request)
                 status, headers, payload, keep = await self._read_response(connection.reader)
-            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            except (
+                OSError,
+                ValueError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+            ) as exc:
                 connection.close()
                 if isinstance(exc, TimeoutError):
                     raise
