@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import ir_measures
 
@@ -27,6 +28,20 @@ def parse_metrics(names: Sequence[str]) -> list[ir_measures.Measure]:
     return out
 
 
+def _refuse(message: str, path: str | Path, lineno: int) -> NoReturn:
+    raise InputError(message, path=str(path), line=lineno)
+
+
+def _number(
+    cast: Callable[[str], Any], value: str, what: str, kind: str, path: str | Path, lineno: int
+) -> Any:
+    """``cast(value)``, or an InputError at ``path:lineno`` naming ``what`` is not ``kind``."""
+    try:
+        return cast(value)
+    except ValueError:
+        _refuse(f"{what} {value!r} is not {kind}", path, lineno)
+
+
 def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     """TREC qrels (``qid iter docid rel``)."""
     qrels: dict[str, dict[str, int]] = {}
@@ -35,17 +50,12 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
         if not parts:
             continue
         if len(parts) != 4:
-            raise InputError(
+            _refuse(
                 f"a qrels line has 4 fields (qid 0 docid rel), this one has {len(parts)}",
-                path=str(path),
-                line=lineno,
+                path,
+                lineno,
             )
-        try:
-            rel = int(parts[3])
-        except ValueError:
-            raise InputError(
-                f"relevance {parts[3]!r} is not an integer", path=str(path), line=lineno
-            ) from None
+        rel = _number(int, parts[3], "relevance", "an integer", path, lineno)
         qrels.setdefault(parts[0], {})[parts[2]] = rel
     return qrels
 
@@ -72,18 +82,13 @@ def read_run(path: str | Path) -> dict[str, dict[str, float]]:
             continue
         parts = stripped.split()
         if len(parts) < 6:
-            raise InputError(
+            _refuse(
                 f"a TREC run line has 6 fields (qid Q0 docid rank score tag), this one has "
                 f"{len(parts)}",
-                path=str(path),
-                line=lineno,
+                path,
+                lineno,
             )
-        try:
-            score = float(parts[4])
-        except ValueError:
-            raise InputError(
-                f"score {parts[4]!r} is not a number", path=str(path), line=lineno
-            ) from None
+        score = _number(float, parts[4], "score", "a number", path, lineno)
         run.setdefault(parts[0], {})[parts[2]] = score
     return run
 
