@@ -184,6 +184,23 @@ def test_which_client_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
         OpenAIBackend("http://127.0.0.1:8000/v1", "m", transport="carrier-pigeon")
 
 
+def test_an_absolute_url_is_posted_to_as_it_is(serve: Any) -> None:
+    # Methods post to a server's own routes beside /v1 (llama.cpp's /tokenize) by full URL.
+    srv = serve("keep-alive")
+    root = f"http://127.0.0.1:{srv.server_address[1]}"
+    backend = OpenAIBackend(f"{root}/v1", "m")
+
+    async def go() -> Any:
+        try:
+            return await backend.request(f"{root}/tokenize", {"content": "hi"})
+        finally:
+            await backend.aclose()
+
+    answer, _ = asyncio.run(go())
+    assert answer == ANSWER
+    assert srv.bodies == [("/tokenize", {"content": "hi"})]
+
+
 def test_the_client_refuses_a_url_it_cannot_speak() -> None:
     with pytest.raises(ValueError, match="not a plain http"):
         PlainHTTPClient("https://x.example/v1", headers={}, timeout_s=1, max_idle=1)

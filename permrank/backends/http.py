@@ -75,6 +75,16 @@ def plain_http_applies(base_url: str) -> bool:
     return bool(urllib.request.proxy_bypass(parts.hostname))
 
 
+def _origin(url: str) -> tuple[tuple[str, int, str], str]:
+    """``((host, port, Host header), path)`` of an ``http://`` URL, the path without its end
+    slash (a query string stays on it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"not a plain http:// URL: {url!r}")
+    path = parts.path.rstrip("/") + (f"?{parts.query}" if parts.query else "")
+    return (parts.hostname, parts.port or 80, parts.netloc.rpartition("@")[2]), path
+
+
 class _Connection:
     __slots__ = ("reader", "writer", "reused")
 
@@ -88,7 +98,10 @@ class _Connection:
         return not self.writer.is_closing() and not self.reader.at_eof()
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except RuntimeError:  # its event loop is already closed: the socket went with it
+            pass
 
 
 class PlainHTTPClient:
@@ -102,29 +115,27 @@ class PlainHTTPClient:
         timeout_s: float,
         max_idle: int,
     ):
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"not a plain http:// URL: {base_url!r}")
-        self.host = parts.hostname
-        self.port = parts.port or 80
-        self.prefix = parts.path.rstrip("/")
-        host_header = parts.netloc.rpartition("@")[2]
-        lines = [f"Host: {host_header}", "Content-Type: application/json"]
-        lines += ["Accept: application/json", *(f"{k}: {v}" for k, v in headers.items())]
-        self._headers = "\r\n".join(lines)
+        self.origin, self.prefix = _origin(base_url)
+        lines = ["Content-Type: application/json", "Accept: application/json"]
+        self._headers = "\r\n".join([*lines, *(f"{k}: {v}" for k, v in headers.items())])
         self.timeout_s = timeout_s
         self.max_idle = max_idle
-        self._idle: list[_Connection] = []
+        self._idle: dict[tuple[str, int, str], list[_Connection]] = {}
 
     async def post_json(self, route: str, body: dict[str, Any]) -> Any:
-        """The decoded JSON answer to a POST of ``body``; raises on status >= 400."""
+        """The decoded JSON answer to a POST of ``body`` to ``base_url + route`` (or to
+        ``route`` itself when it is an absolute ``http://`` URL); raises on status >= 400."""
+        if route.startswith("http://"):
+            origin, path = _origin(route)
+        else:
+            origin, path = self.origin, self.prefix + route
         data = json.dumps(body, ensure_ascii=False).encode()
         head = (
-            f"POST {self.prefix}{route} HTTP/1.1\r\n{self._headers}\r\n"
+            f"POST {path or '/'} HTTP/1.1\r\nHost: {origin[2]}\r\n{self._headers}\r\n"
             f"Content-Length: {len(data)}\r\n\r\n"
         ).encode()
         async with asyncio.timeout(self.timeout_s):
-            status, headers, payload = await self._exchange(head + data)
+            status, headers, payload = await self._exchange(origin, head + data)
         if status >= 400:
             raise HTTPStatusError(status, headers, payload)
         try:
@@ -132,9 +143,12 @@ class PlainHTTPClient:
         except ValueError as exc:
             raise TransportError(f"answer is not JSON ({exc})", exc) from None
 
-    async def _exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def _exchange(
+        self, origin: tuple[str, int, str], request: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        idle = self._idle.setdefault(origin, [])
         while True:
-            connection = await self._acquire()
+            connection = await self._acquire(origin, idle)
             try:
                 connection.writer.write(request)
                 status, headers, payload, keep = await self._read_response(connection.reader)
@@ -154,22 +168,23 @@ class PlainHTTPClient:
             except BaseException:  # cancelled or timed out mid-answer: never reuse it
                 connection.close()
                 raise
-            if keep and len(self._idle) < self.max_idle:
+            if keep and len(idle) < self.max_idle:
                 connection.reused = True
-                self._idle.append(connection)
+                idle.append(connection)
             else:
                 connection.close()
             return status, headers, payload
 
-    async def _acquire(self) -> _Connection:
-        while self._idle:
-            connection = self._idle.pop()
+    @staticmethod
+    async def _acquire(origin: tuple[str, int, str], idle: list[_Connection]) -> _Connection:
+        while idle:
+            connection = idle.pop()
             if connection.usable:
                 return connection
             connection.close()
         try:
             reader, writer = await asyncio.open_connection(
-                self.host, self.port, limit=MAX_HEADER_BYTES
+                origin[0], origin[1], limit=MAX_HEADER_BYTES
             )
         except TimeoutError:
             raise
@@ -217,7 +232,8 @@ class PlainHTTPClient:
         return status, headers, payload, keep
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
+        idle = [c for pool in self._idle.values() for c in pool]
+        self._idle = {}
         for connection in idle:
             connection.close()
         for connection in idle:
