@@ -57,6 +57,7 @@ def run_rerank(
         "permrank-simulator",
         "--concurrency",
         str(concurrency),
+        "--no-cache",  # every window asked of the simulator: no answers from an earlier run
         "-q",
     ]
     if limit is not None:
