@@ -224,37 +224,27 @@ def count_message_tokens(messages: list[dict[str, str]], tokenizer: Tokenizer) -
     return sum(tokenizer.count(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
 
 
-def _passage_uses(template: Template) -> tuple[int, int]:
-    """How many times one passage's text and its title appear in a rendered window."""
-    texts = titles = 0
+def _field_uses(template: Template, num: int) -> tuple[int, int, int]:
+    """How many times one passage's text, its title, and the query appear in a rendered window
+    of ``num`` passages."""
+    texts = titles = queries = 0
     passage_fields = _field_list(template.passage)
     for msg in template.messages:
         fields = _field_list(msg.content)
         if msg.for_each_passage:
             patterns = [fields]
+            queries += num * fields.count("query")
         else:
             patterns = [passage_fields] * fields.count("passages")
+            queries += fields.count("query") + num * len(patterns) * passage_fields.count("query")
         for names in patterns:
             texts += names.count("passage") + names.count("text")
             titles += names.count("passage") + names.count("title")
-    return texts, titles
+    return texts, titles, queries
 
 
 def _field_list(pattern: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
-
-
-def _query_uses(template: Template, num: int) -> int:
-    """How many times the query appears in a rendered window of ``num`` passages."""
-    per_passage = _field_list(template.passage).count("query")
-    uses = 0
-    for msg in template.messages:
-        fields = _field_list(msg.content)
-        if msg.for_each_passage:
-            uses += num * fields.count("query")
-        else:
-            uses += fields.count("query") + num * per_passage * fields.count("passages")
-    return uses
 
 
 def _template_tokens(template: Template, num: int, tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -267,9 +257,16 @@ def _template_tokens(template: Template, num: int, tokenizer: Tokenizer) -> tupl
         if len(template._token_counts) >= 4096:
             template._token_counts.clear()
         empty = count_message_tokens(template.render("", [("", None)] * num), tokenizer)
-        texts, titles = _passage_uses(template)
-        found = template._token_counts[key] = (empty, texts, titles, _query_uses(template, num))
+        found = template._token_counts[key] = (empty, *_field_uses(template, num))
     return found
+
+
+def _bytes_within(text: str, limit: int) -> int | None:
+    """The UTF-8 length of ``text`` if it is at most ``limit``, else None (cheap check first)."""
+    if len(text) > limit:
+        return None
+    size = len(text.encode("utf-8"))
+    return size if size <= limit else None
 
 
 def bounded_by_bytes(tokenizer: Tokenizer) -> bool:
@@ -307,11 +304,8 @@ def estimate_window_tokens(
 
     def tokens(text: str) -> int:
         text = as_data(text)
-        if bytes_up_to and len(text) <= bytes_up_to:
-            size = len(text.encode("utf-8"))
-            if size <= bytes_up_to:
-                return size
-        return tokenizer.count(text)
+        size = _bytes_within(text, bytes_up_to) if bytes_up_to else None
+        return size if size is not None else tokenizer.count(text)
 
     total = overhead + _query_tokens(query, query_uses, tokenizer)
     for text, title in passages:
@@ -349,7 +343,7 @@ def render_window(
         """``text`` as shown (``as_data``) and cut to ``limit`` tokens; one count if not cut
         (none when its bytes already fit, for a tokenizer bounded by bytes)."""
         text = as_data(text)
-        if by_bytes and len(text) <= limit and len(text.encode("utf-8")) <= limit:
+        if by_bytes and _bytes_within(text, limit) is not None:
             return text
         if tokenizer.count(text) <= limit:
             return text

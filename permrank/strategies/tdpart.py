@@ -101,9 +101,10 @@ class TopDownPartition:
             chains = [chain for chain in [list(ranked[: k - 1]), *above] if chain]
             candidates = [c for chain in chains for c in chain]
             if self.fill_final and len(candidates) < w:
-                topped = set(near_misses[: w - len(candidates)])
-                candidates += [c for c in near_misses if c in topped]
-                level = [(place, c) for place, c in level if c not in topped]
+                topped = near_misses[: w - len(candidates)]  # distinct: one a window, and the pivot
+                candidates += topped
+                taken = set(topped)
+                level = [(place, c) for place, c in level if c not in taken]
             dropped.append(level)
             pair_round = self.pair_finish and 2 * k <= w and len(chains) <= MAX_PAIR_CHAINS
             if len(candidates) > w and pair_round:
