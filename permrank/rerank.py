@@ -317,6 +317,8 @@ class Reranker:
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default),
+    ``base_url`` may be a list of replicas of the model (URLs, or (URL, weight) pairs):
+    ``concurrency`` is then per endpoint (``permrank.backends.pool``).
     ``transport`` ("auto": permrank's lean HTTP client for ``http://`` endpoints without a proxy,
     the openai SDK otherwise; "openai" or "plain" to choose). A ready ``backend`` can be given
     instead of ``model`` + ``base_url``, or
@@ -329,7 +331,7 @@ class Reranker:
     def __init__(
         self,
         model: str | None = None,
-        base_url: str | None = None,
+        base_url: str | Sequence[str | tuple[str, float]] | None = None,
         *,
         backend: Backend | str | None = None,
         strategy: str | Strategy = "sliding",
@@ -381,6 +383,23 @@ class Reranker:
             tokenizer = tokenizer or backend.tokenizer()
         elif isinstance(backend, str) and backend != "openai":
             raise ConfigError(f"backend must be 'openai', 'vllm' or a Backend (got {backend!r})")
+        if (backend is None or backend == "openai") and not isinstance(base_url, str | None):
+            if len(base_url) > 1:  # several replicas of the model: one pool
+                from .backends.pool import pool_backend
+
+                backend = pool_backend(
+                    base_url,
+                    model or "",
+                    api_key_env=api_key_env,
+                    concurrency=concurrency,
+                    rps=rps,
+                    timeout_s=timeout_s,
+                    max_retries=max_retries,
+                    transport=transport,
+                )
+            else:
+                base_url = next(iter(base_url), "")
+                base_url = base_url if isinstance(base_url, str) else base_url[0]
         if backend is None or backend == "openai":
             from .backends.openai import OpenAIBackend
 
@@ -399,7 +418,8 @@ class Reranker:
 
             backend = CachingBackend(backend, cache)
         self.backend = backend
-        self.concurrency = concurrency
+        # Requests in flight in all: per endpoint times the endpoints of a pool.
+        self.concurrency = getattr(backend, "pool_concurrency", None) or concurrency
         self.on_error: OnError = on_error
         if isinstance(method, str):
             from .methods import get_method

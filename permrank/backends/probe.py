@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -185,6 +185,27 @@ def probe(
     return info
 
 
+def probe_replicas(
+    base_urls: Sequence[str],
+    model: str | None = None,
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 10.0,
+) -> list[ServerInfo]:
+    """Probe every endpoint of a pool; refuse one that is down or serves another model (the
+    windows of one query may go to different replicas, so they must be the same model)."""
+    infos = [probe(url, model, api_key=api_key, timeout_s=timeout_s) for url in base_urls]
+    models = {info.model for info in infos}
+    if len(models) > 1:
+        raise EndpointUnavailable(
+            "the endpoints serve different models: "
+            + ", ".join(f"{info.base_url} serves {info.model!r}" for info in infos)
+            + ". Replicas of one run must serve the same model: give --model, or drop the "
+            "endpoints that serve another."
+        )
+    return infos
+
+
 @dataclass
 class Endpoint:
     """A model to talk to: where, which, what it can do, and the embedded server if any."""
@@ -192,6 +213,8 @@ class Endpoint:
     info: ServerInfo
     server: Any = None
     """The ``LlamaServer`` started for this run, when there was no ``--base-url``."""
+    replicas: list[ServerInfo] = field(default_factory=list)
+    """Every endpoint of a pool (``info`` is the first), when several were given."""
 
     @property
     def base_url(self) -> str:
@@ -204,7 +227,7 @@ class Endpoint:
 
 @contextlib.contextmanager
 def endpoint(
-    base_url: str | None,
+    base_url: str | Sequence[str] | None,
     model: str | None = None,
     *,
     api_key_env: str = "OPENAI_API_KEY",
@@ -214,6 +237,10 @@ def endpoint(
     local_threads: int | None = None,
 ) -> Iterator[Endpoint]:
     """A probed endpoint; without ``base_url`` the embedded llama.cpp server, stopped on exit."""
+    if base_url and not isinstance(base_url, str):
+        infos = probe_replicas(base_url, model, api_key=os.environ.get(api_key_env))
+        yield Endpoint(infos[0], replicas=infos if len(infos) > 1 else [])
+        return
     if base_url:
         yield Endpoint(probe(base_url, model, api_key=os.environ.get(api_key_env)))
         return

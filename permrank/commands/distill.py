@@ -29,6 +29,7 @@ from ..io import read_requests, validate_requests, write_json_atomic
 from ..manifest import build_manifest, now
 from ..rerank import Reranker
 from ..types import Ranking, Request, Usage
+from . import scaleout
 from .rerank import add_model_options, add_run_options, limited, reranker_from_args, summary_lines
 
 
@@ -122,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "last) for FlagEmbedding's knowledge distillation",
     )
     add_model_options(p)
+    scaleout.add_ray_options(p)
     if "--method" not in p._option_string_actions:
         p.add_argument(
             "--method",
@@ -222,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
                 yield request
 
         try:
-            async for ranking in teacher.astream(remember(requests)):
+            stream = scaleout.rankings(args, teacher, remember(requests), teacher_from_args)
+            async for ranking in stream:
                 totals.add(ranking.usage)
                 runs.append(ranking)
                 shown.append(sent.popleft())
@@ -251,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         store.close()
         manifest = build_manifest(
             command="distill",
-            parameters={"teacher": teacher.manifest(), "labels": options.describe()},
+            parameters={"teacher": teacher.manifest(), "labels": options.describe()}
+            | scaleout.executor_manifest(args),
             totals=totals,
             queries=done_now,
             failed=failed,

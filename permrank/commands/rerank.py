@@ -38,6 +38,7 @@ from ..prompts import render_window
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
 from ..types import Request, Usage
+from . import scaleout
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ EMBEDDED_TIMEOUT_S = 900.0
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options that say which model answers and how it is asked (shared by commands)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    scaleout.add_endpoint_options(g)
     g.add_argument("--model", help="model name the endpoint serves")
     g.add_argument(
         "--backend",
@@ -247,6 +248,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
     endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
+    scaleout.endpoints_of(args)  # --endpoints FILE read, args.base_url its first
     vllm = getattr(args, "backend", "openai") == "vllm"
     if vllm:
         # vLLM in this process: --model is a model folder; no endpoint is probed or started.
@@ -284,7 +286,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         check_mode(constrain, kind)
     options: dict[str, Any] = dict(
         model=info.model if info else args.model,
-        base_url=info.base_url if info else args.base_url,
+        base_url=scaleout.base_url_option(args, info.base_url if info else args.base_url),
         strategy=args.strategy,
         window_size=args.window_size,
         step=args.step,
@@ -328,7 +330,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
 def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
     """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
     with endpoint(
-        args.base_url,
+        scaleout.probe_target(args),
         args.model,
         api_key_env=args.api_key_env,
         local_model=getattr(args, "local_model", None),
@@ -371,7 +373,10 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
     found: Endpoint | None = getattr(args, "endpoint", None)
     if found is None:
         return {}
-    record: dict[str, Any] = {"endpoint": found.info.describe()}
+    record: dict[str, Any] = {
+        "endpoint": found.info.describe(),
+        **scaleout.replicas_manifest(found),
+    }
     if found.server is not None:
         record["embedded_server"] = found.server.describe()
     return record
@@ -428,6 +433,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
+    scaleout.add_ray_options(p)
     p.set_defaults(func=run_on_endpoint)
 
 
@@ -550,7 +556,10 @@ def run(
     async def go() -> None:
         nonlocal done
         try:
-            async for ranking in reranker.astream(requests):
+            stream = scaleout.rankings(
+                args, reranker, requests, reranker_from_args, on_error=args.on_error
+            )
+            async for ranking in stream:
                 out.write(ranking_line(ranking))  # the JSONL first: it is what a resume reads
                 if trec:
                     trec.write(trec_lines(ranking))
@@ -587,7 +596,9 @@ def run(
         seconds = time.perf_counter() - t0
         manifest = build_manifest(
             command="rerank",
-            parameters=reranker.manifest() | endpoint_manifest(args),
+            parameters=reranker.manifest()
+            | endpoint_manifest(args)
+            | scaleout.executor_manifest(args),
             totals=totals,
             queries=done,
             failed=failed,
