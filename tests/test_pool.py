@@ -49,7 +49,7 @@ def dead_url() -> str:
 
 def rankings_with(urls, dl19_5q: Path, **options) -> list[list[str]]:
     requests = list(read_requests(dl19_5q / "candidates.jsonl"))
-    with Reranker(MODEL, urls, window_size=4, step=2, max_retries=2, **options) as reranker:
+    with Reranker(MODEL, urls, window_size=10, step=5, max_retries=2, **options) as reranker:
         return [r.docids for r in reranker.rerank_batch(requests)]
 
 
@@ -57,7 +57,7 @@ def test_pool_ranks_as_one_endpoint_and_shares_the_windows(replicas, dl19_5q):
     one = rankings_with(replicas[0].base_url, dl19_5q)
     before = [sim.state.requests for sim in replicas]
     requests = list(read_requests(dl19_5q / "candidates.jsonl"))
-    with Reranker(MODEL, [s.base_url for s in replicas], window_size=4, step=2) as reranker:
+    with Reranker(MODEL, [s.base_url for s in replicas], window_size=10, step=5) as reranker:
         three = [r.docids for r in reranker.rerank_batch(requests)]
         described = reranker.backend.describe()
     assert three == one
@@ -76,7 +76,7 @@ def test_a_dead_endpoint_is_taken_out_and_its_windows_resent(replicas, dl19_5q):
     dead = dead_url()
     requests = list(read_requests(dl19_5q / "candidates.jsonl"))
     urls = [dead, replicas[1].base_url]
-    with Reranker(MODEL, urls, window_size=4, step=2, max_retries=3) as reranker:
+    with Reranker(MODEL, urls, window_size=10, step=5, max_retries=3) as reranker:
         got = [r.docids for r in reranker.rerank_batch(requests)]
         described = reranker.backend.describe()
     assert got == one
@@ -143,7 +143,7 @@ def test_endpoints_file(tmp_path):
 def test_weights_share_the_windows(replicas, dl19_5q):
     requests = list(read_requests(dl19_5q / "candidates.jsonl"))
     urls = [(replicas[0].base_url, 1.0), (replicas[1].base_url, 3.0)]
-    with Reranker(MODEL, urls, window_size=4, step=2, concurrency=2) as reranker:
+    with Reranker(MODEL, urls, window_size=10, step=5, concurrency=2) as reranker:
         reranker.rerank_batch(requests)
         calls = [e["calls"] for e in reranker.backend.describe()["endpoints"]]
     assert calls[1] > 1.5 * calls[0], calls
@@ -151,7 +151,7 @@ def test_weights_share_the_windows(replicas, dl19_5q):
 
 def test_cli_several_base_urls_and_an_endpoints_file(replicas, dl19_5q, tmp_path, capsys):
     common = ["rerank", "--input", str(dl19_5q / "candidates.jsonl"), "-q", "--no-cache"]
-    common += ["--window-size", "4", "--step", "2", "--model", MODEL]
+    common += ["--window-size", "10", "--step", "5", "--model", MODEL]
     single = tmp_path / "single.jsonl"
     assert main([*common, "--output", str(single), "--base-url", replicas[0].base_url]) == 0
     listed = tmp_path / "endpoints.txt"

@@ -16,8 +16,10 @@ methods), ``describe`` and ``aclose``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,8 @@ class Member:
 
     backend: Any
     weight: float = 1.0
+    capacity: int = 1 << 30
+    """Requests in flight at most (the backend's own concurrency)."""
     in_flight: int = 0
     calls: int = 0
     prompt_tokens: int = 0
@@ -103,7 +107,10 @@ class PoolBackend:
                 "the endpoints of one run must serve the same model; got "
                 + ", ".join(f"{b.endpoint} ({b.model})" for b in backends)
             )
-        self.members = [Member(b, float(w)) for b, w in zip(backends, weights, strict=True)]
+        self.members = [
+            Member(b, float(w), capacity=int(getattr(b, "concurrency", None) or 1 << 30))
+            for b, w in zip(backends, weights, strict=True)
+        ]
         self.model = backends[0].model
         self.endpoint = ",".join(b.endpoint for b in backends)
         """Every endpoint, in order: what the response cache keys answers by."""
@@ -116,23 +123,69 @@ class PoolBackend:
         self.resent = 0
         self._clock: Callable[[], float] = time.monotonic
         self._turn = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters_loop: asyncio.AbstractEventLoop | None = None
 
     # -- choosing ------------------------------------------------------------------------------
-    def _pick(self, tried: set[int]) -> Member | None:
+    def _pick(self, tried: set[int]) -> tuple[Member | None, bool]:
+        """The endpoint for the next request, if one has a free slot; and whether any endpoint
+        is still in rotation."""
         now = self._clock()
         live = [i for i, m in enumerate(self.members) if m.down_until <= now]
-        fresh = [i for i in live if i not in tried] or live
-        if not fresh:
-            return None
+        free = [i for i in live if self.members[i].in_flight < self.members[i].capacity]
+        choices = [i for i in free if i not in tried] or free
+        if not choices:
+            return None, bool(live)
         n = len(self.members)
 
         def load(i: int) -> tuple[float, int]:  # fewest in flight for the weight, then in turn
             member = self.members[i]
             return ((member.in_flight + 1) / member.weight, (i - self._turn) % n)
 
-        index = min(fresh, key=load)
+        index = min(choices, key=load)
         self._turn = index + 1
-        return self.members[index]
+        return self.members[index], True
+
+    async def _acquire(self, tried: set[int], last: BaseException | None) -> Member:
+        # Requests wait here, not at an endpoint, until some endpoint has a free slot: a window
+        # goes to whichever endpoint frees first.
+        loop = asyncio.get_running_loop()
+        if self._waiters_loop is not loop:
+            self._waiters, self._waiters_loop = deque(), loop
+        while True:
+            member, live = self._pick(tried)
+            if member is not None:
+                member.in_flight += 1
+                return member
+            if not live:
+                while self._waiters:  # they all learn it too
+                    self._wake()
+                raise BackendError(
+                    f"no endpoint left: all {len(self.members)} endpoints are out of "
+                    f"rotation after repeated failures (last: {last}). Check the servers, "
+                    "then run again (a run resumes where it stopped)."
+                )
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken but gone: the slot goes to the next in line
+                else:
+                    self._waiters.remove(waiter)
+                raise
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _release(self, member: Member) -> None:
+        member.in_flight -= 1
+        self._wake()
 
     async def _send(
         self, call: Callable[[Any], Awaitable[T]], tokens: Callable[[T], tuple[int, int]]
@@ -141,15 +194,8 @@ class PoolBackend:
         last: BaseException | None = None
         resends = 0
         while True:
-            member = self._pick(tried)
-            if member is None:
-                raise BackendError(
-                    f"no endpoint left: all {len(self.members)} endpoints are out of rotation "
-                    f"after repeated failures (last: {last}). Check the servers, then run "
-                    "again (a run resumes where it stopped)."
-                )
+            member = await self._acquire(tried, last)
             index = self.members.index(member)
-            member.in_flight += 1
             started = time.perf_counter()
             try:
                 result = await call(member.backend)
@@ -176,8 +222,8 @@ class PoolBackend:
                 self.resent += 1
                 continue
             finally:
-                member.in_flight -= 1
                 member.seconds += time.perf_counter() - started
+                self._release(member)
             member.consecutive_failures = 0
             member.calls += 1
             prompt, completion = tokens(result)

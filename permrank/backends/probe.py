@@ -194,7 +194,12 @@ def probe_replicas(
 ) -> list[ServerInfo]:
     """Probe every endpoint of a pool; refuse one that is down or serves another model (the
     windows of one query may go to different replicas, so they must be the same model)."""
-    infos = [probe(url, model, api_key=api_key, timeout_s=timeout_s) for url in base_urls]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(base_urls) or 1)) as pool:
+        infos = list(
+            pool.map(lambda url: probe(url, model, api_key=api_key, timeout_s=timeout_s), base_urls)
+        )
     models = {info.model for info in infos}
     if len(models) > 1:
         raise EndpointUnavailable(
