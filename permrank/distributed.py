@@ -116,7 +116,8 @@ def start_actors(factory: Callable[[], Any], actors: int, *, gpus: bool = False)
         raise ConfigError(f"--ray-actors must be at least 1 (got {actors})")
     cpus = float(ray.cluster_resources().get("CPU", 1))
     options: dict[str, Any] = {
-        "num_cpus": min(1.0, cpus / actors),
+        # An actor mostly waits on its endpoints: half a CPU (one with an engine of its own).
+        "num_cpus": min(1.0 if gpus else 0.5, cpus / actors),
         "max_restarts": ACTOR_RESTARTS,
         "max_task_retries": ACTOR_RESTARTS,
         "scheduling_strategy": "SPREAD",

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import functools
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -155,6 +156,7 @@ async def rankings(
             "--ray needs --base-url or --endpoints: the embedded model runs in this process "
             "only (or use --backend vllm for one vLLM engine per GPU)"
         )
+    started = time.perf_counter()
     with distributed.ray_session(address) as cluster:
         ray = distributed.require_ray()
         gpus = int(ray.cluster_resources().get("GPU", 0)) if vllm else 0
@@ -173,6 +175,9 @@ async def rankings(
             "concurrency_per_actor": per_actor,
         }
         try:
+            # Ray's start-up (joining or starting it, the actors built), apart from the run.
+            args.executor["worker_pids"] = [await ref for ref in [a.pid.remote() for a in pool]]
+            args.executor["startup_s"] = round(time.perf_counter() - started, 3)
             async for ranking in distributed.stream_on_ray(pool, requests, block_size=block_size):
                 yield ranking
         finally:
