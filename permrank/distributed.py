@@ -57,10 +57,9 @@ def ray_session(address: str) -> Iterator[str]:
         yield str(ray.get_runtime_context().gcs_address)
         return
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    options["address"] = address  # "local" starts a new instance whatever RAY_ADDRESS says
     if address == "local":
         options["num_cpus"] = max(2, os.cpu_count() or 2)
-    else:
-        options["address"] = address
     try:
         ray.init(**options)
     except ConnectionError as exc:

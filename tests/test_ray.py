@@ -205,3 +205,16 @@ def test_ray_local_starts_and_stops_its_own_instance(two_replicas, dl19_5q, tmp_
             not Path(f"/proc/{pid}").exists()
             or b"ray::" not in Path(f"/proc/{pid}/cmdline").read_bytes()
         )
+
+
+def test_ray_flags_are_refused_before_any_model_call(dl19_5q, tmp_path, capsys):
+    base = ["rerank", "--input", str(dl19_5q / "candidates.jsonl"), "-q"]
+    base += ["--output", str(tmp_path / "out.jsonl")]
+    assert main([*base, "--ray", "auto"]) == 2
+    assert "--ray needs --base-url or --endpoints" in capsys.readouterr().err
+    assert (
+        main([*base, "--ray", "auto", "--base-url", "http://127.0.0.1:9/v1", "--ray-actors", "0"])
+        == 2
+    )
+    assert "--ray-actors must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()

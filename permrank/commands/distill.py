@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1 (got {value})")
     options = options_from_args(args)
+    scaleout.check(args)
     # Everything that can be refused is refused before the first model call.
     n_queries, _ = validate_requests(args.input)
     if args.limit is not None:

@@ -518,6 +518,7 @@ def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] |
             f"--output {args.output} is the input file: writing it would destroy the input "
             "while it is read; choose another output path"
         )
+    scaleout.check(args)
     n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
     if getattr(args, "endpoint", None) is None and getattr(args, "backend", "openai") != "vllm":

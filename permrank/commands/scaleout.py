@@ -132,6 +132,24 @@ def _worker_args(args: argparse.Namespace, concurrency: int) -> argparse.Namespa
     return worker
 
 
+def check(args: argparse.Namespace) -> None:
+    """Refuse ``--ray`` flags that cannot work, before any server is started or asked."""
+    if not getattr(args, "ray", None):
+        return
+    from ..distributed import require_ray
+
+    require_ray()
+    for flag in ("ray_actors", "ray_block_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    if getattr(args, "backend", "openai") != "vllm" and not endpoints_of(args):
+        raise ConfigError(
+            "--ray needs --base-url or --endpoints: the embedded model runs in this process "
+            "only (or use --backend vllm for one vLLM engine per GPU)"
+        )
+
+
 async def rankings(
     args: argparse.Namespace,
     reranker: Any,
@@ -148,14 +166,9 @@ async def rankings(
         return
     from .. import distributed
 
+    check(args)
     vllm = getattr(args, "backend", "openai") == "vllm"
     specs = endpoints_of(args)
-    found = getattr(args, "endpoint", None)
-    if not vllm and (not specs or (found is not None and found.server is not None)):
-        raise ConfigError(
-            "--ray needs --base-url or --endpoints: the embedded model runs in this process "
-            "only (or use --backend vllm for one vLLM engine per GPU)"
-        )
     started = time.perf_counter()
     with distributed.ray_session(address) as cluster:
         ray = distributed.require_ray()
