@@ -140,6 +140,9 @@ async def stream_on_ray(
     before it, as a local run does with ``on_error="fail"``."""
     if block_size < 1:
         raise ConfigError(f"--ray-block-size must be at least 1 (got {block_size})")
+    ray = require_ray()
+    from ray.exceptions import RayError
+
     source = iter(requests)
     pending: deque[tuple[int, Any]] = deque()
     load = [0] * len(actors)
@@ -157,7 +160,14 @@ async def stream_on_ray(
             if not pending:
                 return
             index, ref = pending.popleft()
-            result: BlockResult = await ref
+            try:
+                result: BlockResult = await ref
+            except RayError as exc:  # the actor could not be built, or kept dying
+                cause = str(exc).strip().splitlines()
+                raise BackendError(
+                    f"a Ray worker failed ({type(exc).__name__}: {cause[-1] if cause else exc}). "
+                    "The queries written so far stand: run again to resume."
+                ) from None
             load[index] -= 1
             for ranking in result.rankings:
                 yield ranking
@@ -166,7 +176,6 @@ async def stream_on_ray(
                 failure.qid = result.error_qid  # type: ignore[attr-defined]
                 raise failure
     finally:
-        ray = require_ray()
         for _, ref in pending:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)

@@ -91,6 +91,8 @@ def test_ray_run_writes_what_a_local_run_writes(ray_instance, two_replicas, dl19
     totals = {e["endpoint"]: e["calls"] for e in executor["endpoints"]}
     assert set(totals) == set(urls) and all(totals.values())
     assert sum(totals.values()) == manifest["totals"]["calls"]
+    backend = manifest["parameters"]["backend"]  # the driver's pool says what the actors did
+    assert {e["endpoint"]: e["calls"] for e in backend["endpoints"]} == totals
     assert manifest["totals"]["queries"] == 5 and manifest["complete"] is True
     assert ray_workers() == []  # the actors are gone with the run
 

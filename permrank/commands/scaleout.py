@@ -198,7 +198,23 @@ async def rankings(
                 described = distributed.describe_actors(pool)
                 args.executor["actors"] = described
                 args.executor["endpoints"] = distributed.endpoint_totals(described)
+                absorb(reranker.backend, args.executor["endpoints"])
             distributed.stop_actors(pool)
+
+
+def absorb(backend: Any, totals: list[dict[str, Any]]) -> None:
+    """Add what the actors' endpoints did to the driver's pool, whose ``describe()`` the
+    manifest records (the driver itself sends nothing)."""
+    members = getattr(getattr(backend, "inner", backend), "members", None) or []
+    by_url = {entry["endpoint"]: entry for entry in totals}
+    for member in members:
+        entry = by_url.get(member.backend.endpoint)
+        if entry is not None:
+            member.calls += entry["calls"]
+            member.prompt_tokens += entry["prompt_tokens"]
+            member.completion_tokens += entry["completion_tokens"]
+            member.failures += entry["failures"]
+            member.seconds += entry["seconds"]
 
 
 def executor_manifest(args: argparse.Namespace) -> dict[str, Any]:
