@@ -75,7 +75,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="answer budget per window (default: sized to a full permutation)",
     )
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
+    g.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight, per endpoint (8)"
+    )
     g.add_argument("--rps", type=float, default=None, help="requests per second at most")
     g.add_argument(
         "--timeout",
