@@ -306,6 +306,9 @@ class SimulatorState:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # The headers and the body go out in two writes: without TCP_NODELAY the body waits for
+    # the client's delayed ACK of the headers, 40 ms added to every answer.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("simulator: " + format, *args)
