@@ -62,7 +62,8 @@ def test_429_with_retry_after_waits_as_asked(tmp_path, capsys, reference):
     started = time.perf_counter()
     code, err, _, _ = run_with(faults, tmp_path, capsys)
     assert code == 0, err
-    assert time.perf_counter() - started >= 2 * 0.4
+    # The two queries' first windows go out together: their two waits may overlap.
+    assert time.perf_counter() - started >= 0.4
     assert docids_by_qid(tmp_path / "out.jsonl") == reference
 
 
