@@ -190,3 +190,16 @@ def test_cli_refuses_replicas_of_different_models(dl19_5q, tmp_path, capsys):
     assert code != 0
     assert "different models" in capsys.readouterr().err
     assert a.state.requests == 0 and b.state.requests == 0
+
+
+def test_scoring_methods_send_through_the_pool(dl19_5q):
+    requests = list(read_requests(dl19_5q / "candidates.jsonl"))[:2]
+    with Simulator(corpus(dl19_5q)) as a, Simulator(corpus(dl19_5q)) as b:
+        options = {"method": "pointwise", "top_k": 20}
+        with Reranker(MODEL, a.base_url, **options) as reranker:
+            one = [r.docids for r in reranker.rerank_batch(requests)]
+        with Reranker(MODEL, [a.base_url, b.base_url], **options) as reranker:
+            two = [r.docids for r in reranker.rerank_batch(requests)]
+            calls = [e["calls"] for e in reranker.backend.describe()["endpoints"]]
+    assert two == one
+    assert all(calls) and sum(calls) == 40  # 2 queries x 20 passages, one request each
