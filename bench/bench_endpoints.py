@@ -102,11 +102,13 @@ def row(
     tokens = (m["totals"]["prompt_tokens"] + m["totals"]["completion_tokens"]) / queries
     cost = m["seconds"] * n_endpoints / queries  # what renting the endpoints costs a query
     members = executor.get("endpoints") or m["parameters"]["backend"].get("endpoints") or []
+    actor_peaks = [a.get("peak_rss_mb") or 0 for a in executor.get("actors") or []]
+    actors_rss = f" (actors {max(actor_peaks):.0f})" if actor_peaks else ""
     share = "/".join(str(e["calls"]) for e in members) or str(m["totals"]["calls"])
     line = (
         f"| {label} | {m['seconds']:.1f} | {qps:.2f} | {steady} | {versus} "
         f"| {calls:.1f} | {tokens:,.0f} | {cost:.2f} "
-        f"| {share} | {startup if startup else '-'} | {result['rss_mb']:.0f} |"
+        f"| {share} | {startup if startup else '-'} | {result['rss_mb']:.0f}{actors_rss} |"
     )
     return line, qps
 

@@ -99,7 +99,14 @@ class BlockReranker:
         return BlockResult(rankings)
 
     async def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), **self.reranker.backend.describe()}
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "pid": os.getpid(),
+            "peak_rss_mb": round(peak_mb, 1),
+            **self.reranker.backend.describe(),
+        }
 
     def pid(self) -> int:
         return os.getpid()
