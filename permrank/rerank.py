@@ -317,8 +317,6 @@ class Reranker:
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default),
-    ``base_url`` may be a list of replicas of the model (URLs, or (URL, weight) pairs):
-    ``concurrency`` is then per endpoint (``permrank.backends.pool``).
     ``transport`` ("auto": permrank's lean HTTP client for ``http://`` endpoints without a proxy,
     the openai SDK otherwise; "openai" or "plain" to choose). A ready ``backend`` can be given
     instead of ``model`` + ``base_url``, or
@@ -326,6 +324,9 @@ class Reranker:
     ``vllm`` extra; every window of a round, across queries, in one generate call).
     ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
     forces every answer into the ``[i] > [j] > ...`` shape (``permrank.constrain``).
+    ``base_url`` may be a list of replicas of one model (URLs, or (URL, weight) pairs), e.g.
+    ``Reranker(model, [url1, url2])``: ``concurrency`` is then per endpoint and each window goes
+    to the least busy replica (``permrank.backends.pool``).
     """
 
     def __init__(
