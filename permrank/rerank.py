@@ -31,7 +31,7 @@ from .prompts import (
     render_window,
 )
 from .strategies import Strategy, get_strategy
-from .tokens import Tokenizer, default_tokenizer
+from .tokens import DEFAULT_MEMO_BYTES, ByteBoundedMemo, Tokenizer, default_tokenizer, size_of
 from .types import Candidate, Completion, Query, Ranking, Request, Usage, WindowTrace
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,57 @@ class MemoTokenizer:
 
     Windows repeat most of their text: a passage is shown in several windows, and a template's
     instructions and turn messages are the same in every window. Rendering counts and cuts all of
-    it, so remembering (bounded, least recently used) removes most of the engine's time.
+    it, so remembering removes most of the engine's time. What it remembers is bounded by bytes
+    (``max_bytes``), oldest forgotten first, whatever the texts' lengths.
     """
 
-    def __init__(self, inner: Tokenizer, max_entries: int = 16384):
+    def __init__(self, inner: Tokenizer, max_bytes: int = DEFAULT_MEMO_BYTES):
         self.inner = inner
         self.name = inner.name
         self.at_most_one_token_per_byte = getattr(inner, "at_most_one_token_per_byte", False)
-        self.count = functools.lru_cache(maxsize=max_entries)(inner.count)  # type: ignore[method-assign]
-        self.truncate = functools.lru_cache(maxsize=max_entries)(inner.truncate)  # type: ignore[method-assign]
+        self.remote = getattr(inner, "remote", False)
+        self.counts = ByteBoundedMemo(max_bytes // 2)
+        self.cuts = ByteBoundedMemo(max_bytes // 2)
+        count_of, put_count = inner.count, self.counts.put
+        get_count = self.counts.get
+        cut_of, put_cut, get_cut = inner.truncate, self.cuts.put, self.cuts.get
+
+        def count(text: str) -> int:
+            found = get_count(text)
+            if found is None:
+                found = count_of(text)
+                put_count(text, found, size_of(text))
+            return found  # type: ignore[no-any-return]
+
+        def truncate(text: str, max_tokens: int) -> str:
+            key = (text, max_tokens)
+            found = get_cut(key)
+            if found is None:
+                found = cut_of(text, max_tokens)
+                put_cut(key, found, size_of(text) + (0 if found is text else size_of(found)))
+            return found  # type: ignore[no-any-return]
+
+        self.count = count
+        self.truncate = truncate
+
+    async def awarm(self, texts: Iterable[str]) -> None:
+        """Have a remote tokenizer ask for every text of a window at once (see tokens.py)."""
+        warm = getattr(self.inner, "awarm", None)
+        if warm is not None:
+            await warm(texts)
+
+
+def window_texts(query: str, passages: list[tuple[str, str | None]]) -> list[str]:
+    """Every text ``render_window`` counts first: the query (as given and as shown), each
+    passage and title as shown."""
+    from .prompts import as_data
+
+    texts = [query, as_data(query)]
+    for text, title in passages:
+        texts.append(as_data(text))
+        if title:
+            texts.append(as_data(title))
+    return texts
 
 
 def memo_tokenizer() -> Tokenizer:
@@ -92,15 +134,25 @@ async def ask_window(
 ) -> tuple[list[int], WindowTrace]:
     """Render, send and parse one window; the window reordered and its trace."""
     passages = [(request.candidates[i].text, request.candidates[i].title) for i in window]
-    max_tokens = pipeline.sampling.max_tokens or answer_tokens(len(window), pipeline.tokenizer)
-    messages = render_window(
-        pipeline.template,
-        request.query.text,
-        passages,
-        budget=pipeline.budget,
-        tokenizer=pipeline.tokenizer,
-        max_tokens=max_tokens,
-    )
+
+    def render() -> tuple[int, list[dict[str, str]]]:
+        max_tokens = pipeline.sampling.max_tokens or answer_tokens(len(window), pipeline.tokenizer)
+        messages = render_window(
+            pipeline.template,
+            request.query.text,
+            passages,
+            budget=pipeline.budget,
+            tokenizer=pipeline.tokenizer,
+            max_tokens=max_tokens,
+        )
+        return max_tokens, messages
+
+    if getattr(pipeline.tokenizer, "remote", False):  # a server counts: never on the loop
+        warm = pipeline.tokenizer.awarm  # type: ignore[attr-defined]
+        await warm(window_texts(request.query.text, passages))
+        max_tokens, messages = await asyncio.to_thread(render)
+    else:
+        max_tokens, messages = render()
     extra = dict(pipeline.sampling.extra)
     if pipeline.window_extra is not None:
         extra.update(pipeline.window_extra(len(window)))
@@ -116,11 +168,16 @@ async def ask_window(
 
     completion = await send(max_tokens)
     attempts = 1
+    cached_attempts = int(completion.cached)
     # An answer cut by max_tokens is asked once more with up to twice the budget (as much as
     # the context leaves), then repaired whatever comes back.
     more_tokens = 0
     if completion.finish_reason == "length":
-        room = pipeline.budget.context_window - count_message_tokens(messages, pipeline.tokenizer)
+        if getattr(pipeline.tokenizer, "remote", False):
+            used = await asyncio.to_thread(count_message_tokens, messages, pipeline.tokenizer)
+        else:
+            used = count_message_tokens(messages, pipeline.tokenizer)
+        room = pipeline.budget.context_window - used
         more_tokens = min(2 * max_tokens, room)
     if more_tokens > max_tokens:
         log.warning(
@@ -134,6 +191,10 @@ async def ask_window(
         completion.prompt_tokens += first.prompt_tokens
         completion.completion_tokens += first.completion_tokens
         completion.latency_s += first.latency_s
+        completion.queued_s += first.queued_s
+        completion.retries += first.retries
+        cached_attempts = int(first.cached) + int(completion.cached)
+        completion.cached = first.cached and completion.cached
         attempts = 2
     text = pipeline.answer_text(completion.text) if pipeline.answer_text else completion.text
     permutation, report = parse_permutation(text, len(window))
@@ -146,7 +207,10 @@ async def ask_window(
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
         latency_s=completion.latency_s,
+        queued_seconds=completion.queued_s,
+        retries=completion.retries,
         cached=completion.cached,
+        cached_attempts=cached_attempts,
         attempts=attempts,
     )
     return [window[p] for p in permutation], trace
@@ -155,11 +219,16 @@ async def ask_window(
 def usage_of(trace: Sequence[WindowTrace], rounds: int) -> Usage:
     usage = Usage(rounds=rounds)
     for t in trace:
-        usage.calls += 0 if t.cached else t.attempts
-        usage.cached_calls += t.attempts if t.cached else 0
+        cached = t.cached_attempts
+        if cached is None:
+            cached = t.attempts if t.cached else 0
+        usage.calls += t.attempts - cached
+        usage.cached_calls += cached
         usage.prompt_tokens += t.prompt_tokens
         usage.completion_tokens += t.completion_tokens
         usage.latency_s += t.latency_s
+        usage.queued_seconds += t.queued_seconds
+        usage.retries += t.retries
         for kind in t.repair.kinds():
             usage.repairs[kind] = usage.repairs.get(kind, 0) + 1
     return usage

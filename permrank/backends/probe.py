@@ -11,21 +11,29 @@ is, or, without one, the embedded llama.cpp server started for the duration of t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import logging
 import os
-from collections.abc import Iterator
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
-
-import httpx
 
 from ..errors import EndpointUnavailable
 from ..tokens import ServerTokenizer
+from .client import HTTPClient, TransportError
 
 log = logging.getLogger(__name__)
 
 ServerKind = Literal["llama.cpp", "vllm", "openai", "simulator", "unknown"]
+LOADING_STATUS = 503
+"""What llama.cpp and vLLM answer while they load a model: the probe waits for them."""
 
 
 @dataclass
@@ -49,6 +57,9 @@ class ServerInfo:
     tokenize: bool = False
     """Whether ``/tokenize`` counts with the model's own tokenizer."""
     version: str | None = None
+    identity: str | None = None
+    """What answers do not depend on the port of: the model file of a loopback llama.cpp
+    server (path, size, mtime), so the response cache finds an embedded model's answers again."""
 
     def tokenizer(self, timeout_s: float = 30.0) -> ServerTokenizer | None:
         """The served model's own tokenizer, when the server has one."""
@@ -73,58 +84,120 @@ def server_root(base_url: str) -> str:
     return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
-def _get(client: httpx.Client, url: str) -> dict[str, Any] | None:
+def model_file_identity(path: str | None) -> str | None:
+    """``path``, size and modification time of a local model file (None if not one here)."""
+    if not path:
+        return None
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return f"file:{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+async def _get(client: HTTPClient, url: str) -> dict[str, Any] | None:
     """GET a JSON object; None when the route is missing or answers something else."""
     try:
-        response = client.get(url)
-    except httpx.HTTPError:
+        status, data = await client.get(url)
+    except (TransportError, TimeoutError):
         return None
-    if response.status_code != 200:
-        return None
-    try:
-        data = response.json()
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+    return data if status == 200 and isinstance(data, dict) else None
 
 
-def probe(
+async def _list_models(
+    client: HTTPClient, base: str, *, wait_s: float, progress: Callable[[str], None] | None
+) -> tuple[int, Any]:
+    """``GET base/models``: its status and JSON; waits (up to ``wait_s``) while the server
+    answers 503 (loading its model), saying so once every few seconds."""
+    started = time.monotonic()
+    said = -1.0
+    while True:
+        try:
+            status, listing = await client.get(f"{base}/models")
+        except (TransportError, TimeoutError) as exc:
+            cause = exc.cause if isinstance(exc, TransportError) else exc
+            raise EndpointUnavailable(
+                f"cannot reach the endpoint {base} ({type(cause).__name__}: {cause}): start the "
+                "server or check the endpoint's URL (the CLI's --base-url, the API's base_url). "
+                "Nothing was sent to the model."
+            ) from None
+        waited = time.monotonic() - started
+        if status != LOADING_STATUS or waited >= wait_s:
+            if status == LOADING_STATUS:
+                raise EndpointUnavailable(
+                    f"{base} still answers HTTP 503 (loading its model?) after {waited:.0f} s; "
+                    "wait for it to be ready, or give a longer --timeout"
+                )
+            return status, listing
+        if said < 0 or waited - said >= 5.0:
+            said = waited
+            line = (
+                f"waiting for {base} to load its model (HTTP 503, {waited:.0f} s of {wait_s:.0f} s)"
+            )
+            log.warning("%s", line)
+            if progress is not None:
+                progress(line)
+        await asyncio.sleep(min(0.5, max(0.05, wait_s - waited)))
+
+
+_PROBED: dict[tuple[str, str | None, str], ServerInfo] = {}
+_PROBED_LOCK = threading.Lock()
+
+
+def _key_digest(api_key: str | None) -> str:
+    return hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
+
+
+def probed(base_url: str, model: str | None, api_key: str | None) -> ServerInfo | None:
+    """What an earlier probe of this process learnt (the CLI probes, then its Reranker asks)."""
+    with _PROBED_LOCK:
+        return _PROBED.get((base_url.rstrip("/"), model, _key_digest(api_key)))
+
+
+async def aprobe(
     base_url: str,
     model: str | None = None,
     *,
     api_key: str | None = None,
     timeout_s: float = 10.0,
+    wait_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ServerInfo:
-    """Ask an endpoint what it serves and can do. Raises ``EndpointUnavailable``."""
+    """Ask an endpoint what it serves and can do. Raises ``EndpointUnavailable``.
+
+    A server answering 503 (llama.cpp and vLLM while they load a model) is asked again every
+    half second for up to ``wait_s`` seconds (default ``timeout_s``), with a progress line."""
+    asked = model
     base = base_url.rstrip("/")
     root = server_root(base)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(timeout=timeout_s, headers=headers) as client:
-        try:
-            response = client.get(f"{base}/models")
-        except httpx.HTTPError as exc:
+    client = HTTPClient(headers=headers, timeout_s=timeout_s, limit=2)
+    try:
+        status, listing = await _list_models(
+            client, base, wait_s=timeout_s if wait_s is None else wait_s, progress=progress
+        )
+        if status in (401, 403):
             raise EndpointUnavailable(
-                f"cannot reach the endpoint {base} ({type(exc).__name__}: {exc}): start the "
-                "server, or check --base-url (without --base-url permrank starts its embedded "
-                "model). Nothing was sent to the model."
-            ) from None
-        if response.status_code in (401, 403):
-            raise EndpointUnavailable(
-                f"{base}/models refused the API key (HTTP {response.status_code}): put the right "
-                "key in the environment variable named by --api-key-env (default OPENAI_API_KEY)."
+                f"{base}/models refused the API key (HTTP {status}): put the right key in the "
+                "environment variable named by --api-key-env (the API's api_key_env; default "
+                "OPENAI_API_KEY)."
             )
-        listing = None
-        if response.status_code == 200:
-            with contextlib.suppress(ValueError):
-                listing = response.json()
+        if status != 200 or not isinstance(listing, dict):
+            listing = None
         entries = [e for e in (listing or {}).get("data") or [] if isinstance(e, dict)]
         served = [str(e.get("id")) for e in entries if e.get("id")]
         owners = {str(e.get("owned_by") or "") for e in entries}
 
-        props = _get(client, f"{root}/props") if "api.openai.com" not in base else None
+        props = await _get(client, f"{root}/props") if "api.openai.com" not in base else None
         version = None
+        kind: ServerKind
         if props is not None and "default_generation_settings" in props:
-            kind: ServerKind = "llama.cpp"
+            kind = "llama.cpp"
             version = str(props.get("build_info") or "") or None
         elif "vllm" in owners:
             kind = "vllm"
@@ -135,14 +208,17 @@ def probe(
         else:
             kind = "unknown"
         if kind in ("vllm", "unknown"):
-            answer = _get(client, f"{root}/version")
+            answer = await _get(client, f"{root}/version")
             if answer is not None and "version" in answer:
                 kind, version = "vllm", str(answer["version"])
+    finally:
+        await client.aclose()
 
     if not served:
         if model is None:
             raise EndpointUnavailable(
-                f"{base}/models lists no model (HTTP {response.status_code}); give --model"
+                f"{base}/models lists no model (HTTP {status}); give the model's name "
+                "(the CLI's --model, the API's model)"
             )
         log.warning("%s/models lists no model; using %r as given", base, model)
     elif model is None:
@@ -152,8 +228,14 @@ def probe(
             )
         model = served[0]
     elif model not in served:
-        if kind == "llamacpp":  # llama.cpp's server answers under any model name
-            log.warning("%s serves %s; asked for %r", base, served[0], model)
+        if kind == "llama.cpp":  # llama.cpp's server answers under any model name
+            log.warning(
+                "%s is a llama.cpp server of %s; it answers as that model whatever the name "
+                "%r asked for",
+                base,
+                served[0],
+                model,
+            )
         else:
             raise EndpointUnavailable(
                 f"the endpoint {base} does not serve model {model!r}; it serves: "
@@ -173,6 +255,9 @@ def probe(
         info.chat = bool(props.get("chat_template"))
         info.logprobs = True
         info.tokenize = True
+        if is_loopback(base):
+            found = model_file_identity(props.get("model_path"))
+            info.identity = f"llama.cpp:{found}" if found else None
     elif kind == "vllm":
         max_len = entry.get("max_model_len")
         info.context_window = int(max_len) if max_len else None
@@ -182,6 +267,57 @@ def probe(
         info.completions = False
         info.logprobs = True
     log.info("probed %s: %s", base, info.describe())
+    with _PROBED_LOCK:
+        _PROBED[(base, asked, _key_digest(api_key))] = info
+    return info
+
+
+def run_sync(make: Callable[[], Any]) -> Any:
+    """Run the coroutine ``make()`` returns to its end from sync code, even when the calling
+    thread already runs an event loop (Jupyter): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = asyncio.run(make())
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def probe(
+    base_url: str,
+    model: str | None = None,
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 10.0,
+    wait_s: float | None = None,
+) -> ServerInfo:
+    """``aprobe`` from sync code (the CLI); a loading server's progress goes to stderr."""
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    info: ServerInfo = run_sync(
+        lambda: aprobe(
+            base_url,
+            model,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            wait_s=wait_s,
+            progress=progress,
+        )
+    )
     return info
 
 
@@ -212,10 +348,12 @@ def endpoint(
     local_parallel: int = 1,
     local_ctx: int = 4096,
     local_threads: int | None = None,
+    wait_s: float | None = None,
 ) -> Iterator[Endpoint]:
-    """A probed endpoint; without ``base_url`` the embedded llama.cpp server, stopped on exit."""
+    """A probed endpoint; without ``base_url`` the embedded llama.cpp server, stopped on exit.
+    A server still loading its model (503) is waited for up to ``wait_s`` seconds (10)."""
     if base_url:
-        yield Endpoint(probe(base_url, model, api_key=os.environ.get(api_key_env)))
+        yield Endpoint(probe(base_url, model, api_key=os.environ.get(api_key_env), wait_s=wait_s))
         return
     from ..servers.llamacpp import LlamaServer
 

@@ -334,6 +334,7 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         local_model=getattr(args, "local_model", None),
         local_parallel=getattr(args, "local_parallel", 1),
         local_ctx=getattr(args, "local_ctx", 4096),
+        wait_s=getattr(args, "timeout", None),
     ) as found:
         if found.server is not None and not getattr(args, "quiet", False):
             print(
