@@ -21,6 +21,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import ClientConnectorError, ClientOSError, ServerDisconnectedError
 from asyncio_throttle import Throttler
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
@@ -239,6 +240,13 @@ class OpenAIBackend:
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
+        if (
+            state.attempt_number == 1
+            and isinstance(exc, TransportError)
+            and isinstance(exc.cause, ServerDisconnectedError | ClientOSError)
+            and not isinstance(exc.cause, ClientConnectorError)
+        ):
+            return 0.0  # most likely a kept-alive connection the server had closed: a fresh one
         asked = retry_after_seconds(exc) if exc is not None else None
         if asked is not None:
             return min(asked, self.retry_max_s)
