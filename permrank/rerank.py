@@ -386,9 +386,11 @@ class Reranker:
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default),
-    ``transport`` ("auto": permrank's lean HTTP client for ``http://`` endpoints without a proxy,
-    the openai SDK otherwise; "openai" or "plain" to choose). A ready ``backend`` can be given
-    instead of ``model`` + ``base_url``, or
+    ``transport`` ("auto": aiohttp for ``http://`` endpoints without a proxy, the openai SDK
+    otherwise; "openai" or "aiohttp" (alias "plain") to choose), ``max_response_bytes`` (the
+    largest answer read, 32 MiB). An endpoint given by ``base_url`` is probed before the first
+    request, as the CLI does: an unreachable one is one ``EndpointUnavailable`` at once. A ready
+    ``backend`` can be given instead of ``model`` + ``base_url``, or
     ``backend="vllm"``: vLLM in this process, ``model`` being a Hugging Face model folder (the
     ``vllm`` extra; every window of a round, across queries, in one generate call).
     ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
@@ -422,12 +424,14 @@ class Reranker:
         timeout_s: float = 120.0,
         max_retries: int = 5,
         transport: str = "auto",
+        max_response_bytes: int = 32 * 1024 * 1024,
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
         cache: str | Path | None = None,
         constrain: str | None = None,
     ):
+        self._to_probe: tuple[str, str, str, float] | None = None
         if isinstance(strategy, str):
             strategy = get_strategy(
                 strategy,
@@ -462,7 +466,9 @@ class Reranker:
                 timeout_s=timeout_s,
                 max_retries=max_retries,
                 transport=transport,
+                max_response_bytes=max_response_bytes,
             )
+            self._to_probe = (base_url or "", model or "", api_key_env, timeout_s)
         if cache is not None:
             from .backends.cache import CachingBackend
 
@@ -498,11 +504,32 @@ class Reranker:
                 self.pipeline.answer_text = json_answer_as_ranking
         self._loop: _LoopThread | None = None
 
+    async def aprobe(self) -> None:
+        """Probe the endpoint once (as the CLI does, and not again when the CLI did): an
+        unreachable endpoint or an unknown model is an ``EndpointUnavailable`` before any
+        request; a loopback llama.cpp server's model file keys the response cache."""
+        if self._to_probe is None:
+            return
+        import os
+
+        from .backends.probe import aprobe, probed
+
+        base_url, model, api_key_env, timeout_s = self._to_probe
+        api_key = os.environ.get(api_key_env)
+        info = probed(base_url, model, api_key) or probed(base_url, None, api_key)
+        if info is None:
+            info = await aprobe(base_url, model, api_key=api_key, timeout_s=min(timeout_s, 30.0))
+        self._to_probe = None
+        if info.identity and hasattr(self.backend, "identity"):
+            self.backend.identity = info.identity
+
     # -- one query ---------------------------------------------------------------------------
     async def arank(
         self, query: str, documents: Sequence[CandidateLike], *, qid: str = "0"
     ) -> Ranking:
         request = Request(query=Query(qid=qid, text=query), candidates=to_candidates(documents))
+        if len(request.candidates) > 1:  # one candidate needs no model, nor an endpoint
+            await self.aprobe()
         return await rerank_request(self.pipeline, request)
 
     def rank(self, query: str, documents: Sequence[CandidateLike], *, qid: str = "0") -> Ranking:
@@ -510,13 +537,19 @@ class Reranker:
         return self._sync(self.arank(query, documents, qid=qid))
 
     # -- many queries ------------------------------------------------------------------------
-    def astream(self, requests: Iterable[Request]) -> AsyncIterator[Ranking]:
-        return rerank_stream(
+    async def astream(self, requests: Iterable[Request]) -> AsyncIterator[Ranking]:
+        await self.aprobe()
+        stream = rerank_stream(
             self.pipeline,
             requests,
             max_queries_in_flight=max(4, 2 * self.concurrency),
             on_error=self.on_error,
         )
+        try:
+            async for ranking in stream:
+                yield ranking
+        finally:
+            await stream.aclose()
 
     async def arerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
         return [ranking async for ranking in self.astream(requests)]

@@ -228,11 +228,11 @@ async def aprobe(
             )
         model = served[0]
     elif model not in served:
-        if kind == "llama.cpp":  # llama.cpp's server answers under any model name
+        if kind in ("llama.cpp", "simulator"):  # they answer under any model name
             log.warning(
-                "%s is a llama.cpp server of %s; it answers as that model whatever the name "
-                "%r asked for",
+                "%s is a %s server of %s; it answers as that model whatever the name %r asked for",
                 base,
+                kind,
                 served[0],
                 model,
             )

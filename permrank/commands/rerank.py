@@ -90,11 +90,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--transport",
-        choices=("auto", "openai", "plain"),
+        choices=("auto", "openai", "aiohttp", "plain"),
         default="auto",
-        help="HTTP client: 'plain' (permrank's lean HTTP/1.1 client, a fraction of the CPU per "
-        "request), 'openai' (the openai SDK), 'auto' (plain for http:// without a proxy, "
+        help="HTTP client: 'aiohttp' (or 'plain': aiohttp, a fraction of the SDK's CPU per "
+        "request), 'openai' (the openai SDK), 'auto' (aiohttp for http:// without a proxy, "
         "else the SDK; the default)",
+    )
+    g.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=32 * 1024 * 1024,
+        help="the largest answer read from the endpoint; a larger one is an error (32 MiB)",
     )
     g.add_argument(
         "--cache",
@@ -310,6 +316,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         timeout_s=args.timeout,
         max_retries=args.max_retries,
         transport=getattr(args, "transport", "auto"),
+        max_response_bytes=getattr(args, "max_response_bytes", 32 * 1024 * 1024),
         tokenizer=tokenizer,
         constrain=constrain,
         cache=cache_path_of(args),
