@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, Protocol
 
 from .errors import BackendError
@@ -122,41 +122,51 @@ class TiktokenTokenizer:
         return cut.rstrip("\ufffd")  # a multi-byte character cut in half
 
 
-_WORDISH = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+_PIECES = re.compile(r"\w+|[^\w\s]|\s+", re.UNICODE)
 
 
 def _piece_tokens(piece: str) -> int:
-    """An upper bound of a BPE's tokens for one word or mark: ASCII words at one token per six
-    letters; any other character (CJK, Thai, emoji, accented letters, marks) as many tokens as
-    it has UTF-8 bytes, which no byte-level BPE exceeds (cl100k_base often needs two or three
-    per CJK character and up to four per emoji)."""
+    """An upper bound of a BPE's tokens for one word, mark or run of spaces: ASCII words at one
+    token per six letters plus one; spaces and line breaks at one per four plus one; any other
+    character (CJK, Thai, emoji, accented letters) as many tokens as it has UTF-8 bytes, which
+    no byte-level BPE exceeds (cl100k_base needs one to three per CJK character, up to four per
+    emoji)."""
     if piece.isascii():
-        return 1 + len(piece) // 6
+        return 1 + len(piece) // (4 if piece.isspace() else 6)
     return len(piece.encode("utf-8"))
 
 
 class ApproximateTokenizer:
-    """Counts words and punctuation marks; used only when no BPE file can be loaded.
+    """Counts words, marks and spaces; used only when no BPE file can be loaded.
 
     It never counts fewer tokens than cl100k_base: ASCII words count a token per six letters
-    plus one (over-counting English slightly), and text outside ASCII (scripts without spaces
-    such as Chinese, Japanese or Thai, emoji) a token per UTF-8 byte, so budgets stay safe.
+    plus one, and a space before a word (which BPEs merge into it) nothing more, so English is
+    over-counted slightly; text outside ASCII (scripts without spaces such as Chinese, Japanese
+    or Thai, emoji) counts a token per UTF-8 byte, so budgets stay safe.
     """
 
     name = "approximate"
     at_most_one_token_per_byte = True
 
+    @staticmethod
+    def _costs(text: str) -> Iterator[tuple[int, str, int]]:
+        """(start, piece, tokens) of each piece of ``text``."""
+        end = len(text)
+        for m in _PIECES.finditer(text):
+            piece = m.group(0)
+            if piece == " " and m.end() < end:
+                continue  # one space before a word: part of the word's token
+            yield m.start(), piece, _piece_tokens(piece)
+
     def count(self, text: str) -> int:
-        return sum(_piece_tokens(m.group(0)) for m in _WORDISH.finditer(text))
+        return sum(cost for _, _, cost in self._costs(text))
 
     def truncate(self, text: str, max_tokens: int) -> str:
         total = 0
-        for m in _WORDISH.finditer(text):
-            piece = m.group(0)
-            cost = _piece_tokens(piece)
+        for start, piece, cost in self._costs(text):
             if total + cost > max_tokens:
                 if piece.isascii():
-                    return text[: m.start()].rstrip()
+                    return text[:start].rstrip()
                 # A long run of a script without spaces: keep as many characters as fit.
                 room = max_tokens - total
                 kept = 0
@@ -165,7 +175,7 @@ class ApproximateTokenizer:
                     if room < 0:
                         break
                     kept += 1
-                return text[: m.start() + kept].rstrip()
+                return text[: start + kept].rstrip()
             total += cost
         return text
 

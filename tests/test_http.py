@@ -161,8 +161,8 @@ class RawServer:
         self.listener.close()
 
 
-@pytest.fixture
-def raw() -> Iterator[Callable[..., RawServer]]:
+def raw_servers() -> Iterator[Callable[..., RawServer]]:
+    """Start RawServers on demand; all stopped at the end."""
     servers: list[RawServer] = []
 
     def start(*args: Any, **kwargs: Any) -> RawServer:
@@ -172,6 +172,11 @@ def raw() -> Iterator[Callable[..., RawServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawServer]]:
+    yield from raw_servers()
 
 
 async def ask_many(backend: OpenAIBackend, n: int, sequential: bool = False) -> list[Any]:
