@@ -389,7 +389,8 @@ class Reranker:
     ``transport`` ("auto": aiohttp for ``http://`` endpoints without a proxy, the openai SDK
     otherwise; "openai" or "aiohttp" (alias "plain") to choose), ``max_response_bytes`` (the
     largest answer read, 32 MiB). An endpoint given by ``base_url`` is probed before the first
-    request, as the CLI does: an unreachable one is one ``EndpointUnavailable`` at once. A ready
+    request, as the CLI does (unless ``server_info`` says what a probe found): an unreachable
+    one is one ``EndpointUnavailable`` at once. A ready
     ``backend`` can be given instead of ``model`` + ``base_url``, or
     ``backend="vllm"``: vLLM in this process, ``model`` being a Hugging Face model folder (the
     ``vllm`` extra; every window of a round, across queries, in one generate call).
@@ -430,8 +431,12 @@ class Reranker:
         extra_body: dict[str, Any] | None = None,
         cache: str | Path | None = None,
         constrain: str | None = None,
+        server_info: Any = None,
     ):
         self._to_probe: tuple[str, str, str, float] | None = None
+        self.server_info = server_info
+        """What the probe learnt (``permrank.backends.probe.ServerInfo``): given (the CLI
+        probed already) or learnt before the first request."""
         if isinstance(strategy, str):
             strategy = get_strategy(
                 strategy,
@@ -512,14 +517,22 @@ class Reranker:
             return
         import os
 
-        from .backends.probe import aprobe, probed
+        from .backends.probe import aprobe
 
         base_url, model, api_key_env, timeout_s = self._to_probe
         api_key = os.environ.get(api_key_env)
-        info = probed(base_url, model, api_key) or probed(base_url, None, api_key)
+        info = self.server_info
         if info is None:
-            info = await aprobe(base_url, model, api_key=api_key, timeout_s=min(timeout_s, 30.0))
+            info = await aprobe(
+                base_url,
+                model,
+                api_key=api_key,
+                timeout_s=min(timeout_s, 30.0),
+                hint="start the server, or check the base_url given to Reranker",
+                strict_model=False,  # an alias the server accepts is not refused here
+            )
         self._to_probe = None
+        self.server_info = info
         if info.identity and hasattr(self.backend, "identity"):
             self.backend.identity = info.identity
 

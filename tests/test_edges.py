@@ -63,7 +63,7 @@ def test_a_llama_cpp_server_is_accepted_whatever_the_model_name(
     with caplog.at_level(logging.WARNING):
         info = probe(srv.base_url, "gpt-4o")
     assert info.kind == "llama.cpp" and info.model == "gpt-4o" and info.context_window == 2048
-    assert "llama.cpp server of SmolLM2.gguf" in caplog.text and "'gpt-4o'" in caplog.text
+    assert "(llama.cpp) serves SmolLM2.gguf; asked for 'gpt-4o'" in caplog.text
 
 
 def test_another_server_refuses_a_model_it_does_not_serve(raw: Any) -> None:

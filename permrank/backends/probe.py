@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import sys
@@ -109,8 +108,18 @@ async def _get(client: HTTPClient, url: str) -> dict[str, Any] | None:
     return data if status == 200 and isinstance(data, dict) else None
 
 
+CLI_HINT = (
+    "start the server, or check --base-url (without --base-url permrank starts its embedded model)"
+)
+
+
 async def _list_models(
-    client: HTTPClient, base: str, *, wait_s: float, progress: Callable[[str], None] | None
+    client: HTTPClient,
+    base: str,
+    *,
+    wait_s: float,
+    progress: Callable[[str], None] | None,
+    hint: str = CLI_HINT,
 ) -> tuple[int, Any]:
     """``GET base/models``: its status and JSON; waits (up to ``wait_s``) while the server
     answers 503 (loading its model), saying so once every few seconds."""
@@ -122,8 +131,7 @@ async def _list_models(
         except (TransportError, TimeoutError) as exc:
             cause = exc.cause if isinstance(exc, TransportError) else exc
             raise EndpointUnavailable(
-                f"cannot reach the endpoint {base} ({type(cause).__name__}: {cause}): start the "
-                "server or check the endpoint's URL (the CLI's --base-url, the API's base_url). "
+                f"cannot reach the endpoint {base} ({type(cause).__name__}: {cause}): {hint}. "
                 "Nothing was sent to the model."
             ) from None
         waited = time.monotonic() - started
@@ -145,20 +153,6 @@ async def _list_models(
         await asyncio.sleep(min(0.5, max(0.05, wait_s - waited)))
 
 
-_PROBED: dict[tuple[str, str | None, str], ServerInfo] = {}
-_PROBED_LOCK = threading.Lock()
-
-
-def _key_digest(api_key: str | None) -> str:
-    return hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
-
-
-def probed(base_url: str, model: str | None, api_key: str | None) -> ServerInfo | None:
-    """What an earlier probe of this process learnt (the CLI probes, then its Reranker asks)."""
-    with _PROBED_LOCK:
-        return _PROBED.get((base_url.rstrip("/"), model, _key_digest(api_key)))
-
-
 async def aprobe(
     base_url: str,
     model: str | None = None,
@@ -167,19 +161,25 @@ async def aprobe(
     timeout_s: float = 10.0,
     wait_s: float | None = None,
     progress: Callable[[str], None] | None = None,
+    hint: str = CLI_HINT,
+    strict_model: bool = True,
 ) -> ServerInfo:
     """Ask an endpoint what it serves and can do. Raises ``EndpointUnavailable``.
 
     A server answering 503 (llama.cpp and vLLM while they load a model) is asked again every
-    half second for up to ``wait_s`` seconds (default ``timeout_s``), with a progress line."""
-    asked = model
+    half second for up to ``wait_s`` seconds (default ``timeout_s``), with a progress line.
+    ``strict_model=False``: a model the endpoint does not list is a warning, not an error."""
     base = base_url.rstrip("/")
     root = server_root(base)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     client = HTTPClient(headers=headers, timeout_s=timeout_s, limit=2)
     try:
         status, listing = await _list_models(
-            client, base, wait_s=timeout_s if wait_s is None else wait_s, progress=progress
+            client,
+            base,
+            wait_s=timeout_s if wait_s is None else wait_s,
+            progress=progress,
+            hint=hint,
         )
         if status in (401, 403):
             raise EndpointUnavailable(
@@ -228,12 +228,12 @@ async def aprobe(
             )
         model = served[0]
     elif model not in served:
-        if kind in ("llama.cpp", "simulator"):  # they answer under any model name
+        if kind == "llama.cpp" or not strict_model:  # llama.cpp answers under any name
             log.warning(
-                "%s is a %s server of %s; it answers as that model whatever the name %r asked for",
+                "%s (%s) serves %s; asked for %r, which it may answer as its own model",
                 base,
                 kind,
-                served[0],
+                ", ".join(served[:10]),
                 model,
             )
         else:
@@ -267,8 +267,6 @@ async def aprobe(
         info.completions = False
         info.logprobs = True
     log.info("probed %s: %s", base, info.describe())
-    with _PROBED_LOCK:
-        _PROBED[(base, asked, _key_digest(api_key))] = info
     return info
 
 

@@ -317,6 +317,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         max_retries=args.max_retries,
         transport=getattr(args, "transport", "auto"),
         max_response_bytes=getattr(args, "max_response_bytes", 32 * 1024 * 1024),
+        server_info=info,
         tokenizer=tokenizer,
         constrain=constrain,
         cache=cache_path_of(args),
