@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +74,7 @@ class MemoTokenizer:
             if found is None:
                 found = count_of(text)
                 put_count(text, found, size_of(text))
-            return found  # type: ignore[no-any-return]
+            return found
 
         def truncate(text: str, max_tokens: int) -> str:
             key = (text, max_tokens)
@@ -82,7 +82,7 @@ class MemoTokenizer:
             if found is None:
                 found = cut_of(text, max_tokens)
                 put_cut(key, found, size_of(text) + (0 if found is text else size_of(found)))
-            return found  # type: ignore[no-any-return]
+            return found
 
         self.count = count
         self.truncate = truncate
@@ -477,20 +477,24 @@ class Reranker:
         if cache is not None:
             from .backends.cache import CachingBackend
 
-            backend = CachingBackend(backend, cache)
-        self.backend = backend
+            backend = CachingBackend(backend, cache)  # type: ignore[arg-type]
+        assert not isinstance(backend, str)
+        self.backend: Backend = backend
         self.concurrency = concurrency
         self.on_error: OnError = on_error
         if isinstance(method, str):
             from .methods import get_method
 
-            method = get_method(method, **{"top_k": top_k, **(method_options or {})})
-        self.method = method
+            self.method: Method | None = get_method(
+                method, **{"top_k": top_k, **(method_options or {})}
+            )
+        else:
+            self.method = method
         self.pipeline = Pipeline(
-            method=method,
+            method=self.method,
             strategy=self.strategy,
             template=self.template,
-            backend=backend,
+            backend=self.backend,
             sampling=Sampling(
                 temperature=temperature, seed=seed, max_tokens=max_tokens, extra=extra_body or {}
             ),
@@ -550,7 +554,7 @@ class Reranker:
         return self._sync(self.arank(query, documents, qid=qid))
 
     # -- many queries ------------------------------------------------------------------------
-    async def astream(self, requests: Iterable[Request]) -> AsyncIterator[Ranking]:
+    async def astream(self, requests: Iterable[Request]) -> AsyncGenerator[Ranking, None]:
         await self.aprobe()
         stream = rerank_stream(
             self.pipeline,
@@ -562,7 +566,7 @@ class Reranker:
             async for ranking in stream:
                 yield ranking
         finally:
-            await stream.aclose()
+            await stream.aclose()  # type: ignore[attr-defined]
 
     async def arerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
         return [ranking async for ranking in self.astream(requests)]

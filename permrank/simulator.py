@@ -490,7 +490,7 @@ class Simulator:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.server.server_address[0]}:{self.port}/v1"
+        return f"http://{self.server.server_address[0]!s}:{self.port}/v1"
 
     def start(self) -> Simulator:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -87,7 +87,7 @@ def memo_by_bytes(
         if found is None:
             found = function(text)
             put(text, found, size_of(text) + (0 if found is text else size_of(found)))
-        return found  # type: ignore[no-any-return]
+        return found
 
     remembered.memo = memo  # type: ignore[attr-defined]
     return remembered
@@ -267,7 +267,7 @@ class ServerTokenizer:
             return ()
         found = self._ids.get(text)
         if found is not None:
-            return found  # type: ignore[no-any-return]
+            return found
         if self.kind == "llama.cpp":
             body: dict[str, object] = {"content": text, "add_special": False}
         else:
@@ -326,7 +326,7 @@ class ServerTokenizer:
             return ()
         found = self._ids.get(text)
         if found is not None:
-            return found  # type: ignore[no-any-return]
+            return found
         ids: tuple[int, ...] = self._wait(lambda client: self.aencode(text, client))
         return ids
 

@@ -170,7 +170,9 @@ class HTTPClient:
     ) -> tuple[int, dict[str, str], bytes]:
         session = self.session()
         # No ``timeout`` argument: the session's (``timeout=None`` would mean none at all).
-        options = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+        options: dict[str, Any] = {}
+        if timeout_s is not None:
+            options["timeout"] = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with session.request(method, url, data=data, **options) as response:
                 payload = await read_bounded(response, self.max_response_bytes)

@@ -36,8 +36,11 @@ class Method(Protocol):
 class PassageScorer(Protocol):
     """Scores one passage for one query; higher is more relevant."""
 
-    name: str
-    top_k: int | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def top_k(self) -> int | None: ...
 
     async def score(
         self, pipeline: Pipeline, query: Query, candidate: Candidate
