@@ -31,7 +31,14 @@ from .prompts import (
     render_window,
 )
 from .strategies import Strategy, get_strategy
-from .tokens import DEFAULT_MEMO_BYTES, ByteBoundedMemo, Tokenizer, default_tokenizer, size_of
+from .tokens import (
+    DEFAULT_MEMO_BYTES,
+    ByteBoundedMemo,
+    MemoDict,
+    Tokenizer,
+    default_tokenizer,
+    size_of,
+)
 from .types import Candidate, Completion, Query, Ranking, Request, Usage, WindowTrace
 
 log = logging.getLogger(__name__)
@@ -63,18 +70,9 @@ class MemoTokenizer:
         self.name = inner.name
         self.at_most_one_token_per_byte = getattr(inner, "at_most_one_token_per_byte", False)
         self.remote = getattr(inner, "remote", False)
-        self.counts = ByteBoundedMemo(max_bytes // 2)
+        self.counts = MemoDict(inner.count, max_bytes // 2)
         self.cuts = ByteBoundedMemo(max_bytes // 2)
-        count_of, put_count = inner.count, self.counts.put
-        get_count = self.counts.get
         cut_of, put_cut, get_cut = inner.truncate, self.cuts.put, self.cuts.get
-
-        def count(text: str) -> int:
-            found = get_count(text)
-            if found is None:
-                found = count_of(text)
-                put_count(text, found, size_of(text))
-            return found
 
         def truncate(text: str, max_tokens: int) -> str:
             key = (text, max_tokens)
@@ -84,7 +82,7 @@ class MemoTokenizer:
                 put_cut(key, found, size_of(text) + (0 if found is text else size_of(found)))
             return found
 
-        self.count = count
+        self.count = self.counts.__getitem__
         self.truncate = truncate
 
     async def awarm(self, texts: Iterable[str]) -> None:

@@ -74,23 +74,44 @@ def size_of(value: object) -> int:
     return sys.getsizeof(value)
 
 
+class MemoDict(dict[str, Any]):
+    """``function(text)`` by text, remembered up to ``max_bytes`` (oldest forgotten first).
+    Its ``__getitem__`` is the remembering function: a hit costs one C dict lookup, as cheap
+    as ``functools.lru_cache`` (which bounds entries, not bytes)."""
+
+    def __init__(self, function: Callable[[str], Any], max_bytes: int = DEFAULT_MEMO_BYTES):
+        super().__init__()
+        self.function = function
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def __missing__(self, text: str) -> Any:
+        value = self.function(text)
+        self[text] = value
+        self.bytes += ByteBoundedMemo.ENTRY_BYTES + size_of(text)
+        if isinstance(value, str) and value is not text:
+            self.bytes += size_of(value)
+        if self.bytes > self.max_bytes:
+            self._forget()
+        return value
+
+    def _forget(self) -> None:
+        target = self.max_bytes * 3 // 4
+        for old in list(self):
+            if self.bytes <= target:
+                break
+            value = self.pop(old)
+            self.bytes -= ByteBoundedMemo.ENTRY_BYTES + size_of(old)
+            if isinstance(value, str) and value is not old:
+                self.bytes -= size_of(value)
+
+
 def memo_by_bytes(
     function: Callable[[str], str], max_bytes: int = DEFAULT_MEMO_BYTES
 ) -> Callable[[str], str]:
-    """``function`` of one string, its answers remembered up to ``max_bytes``."""
-    memo = ByteBoundedMemo(max_bytes)
-    get, put = memo.get, memo.put
-
-    @functools.wraps(function)
-    def remembered(text: str) -> str:
-        found = get(text)
-        if found is None:
-            found = function(text)
-            put(text, found, size_of(text) + (0 if found is text else size_of(found)))
-        return found
-
-    remembered.memo = memo  # type: ignore[attr-defined]
-    return remembered
+    """``function`` of one string, its answers remembered up to ``max_bytes`` (the memo is the
+    returned callable's ``__self__``)."""
+    return MemoDict(function, max_bytes).__getitem__
 
 
 class Tokenizer(Protocol):

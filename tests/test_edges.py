@@ -238,7 +238,7 @@ def test_memos_are_bounded_by_bytes() -> None:
 def test_as_data_is_bounded_by_bytes() -> None:
     from permrank.prompts import as_data
 
-    memo = as_data.memo  # type: ignore[attr-defined]
+    memo = as_data.__self__  # type: ignore[attr-defined]
     for i in range(2000):
         as_data(f"{i} " + "y" * 50_000)
     assert memo.bytes <= memo.max_bytes
