@@ -3,8 +3,8 @@
 Requests to a plain ``http://`` endpoint that no proxy applies to (a local vLLM or llama.cpp
 server) go through aiohttp (``permrank.backends.client``: a C parser, a fraction of the SDK's CPU
 per request); HTTPS endpoints, proxies and ``transport="openai"`` go through
-``openai.AsyncOpenAI`` (its own retries off), imported only then. Either way tenacity retries
-429, 5xx, timeouts and dropped connections with exponential backoff and jitter, honouring
+``openai.AsyncOpenAI`` (its own retries off), imported only then. Either way 429, 5xx,
+timeouts and dropped connections are retried with exponential backoff and jitter, honouring
 ``Retry-After``, a bounded number of times (each counted); asyncio-throttle caps requests per
 second; a semaphore caps requests in flight.
 The API key is read from an environment variable and never logged or written.
@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientConnectorError, ClientOSError, ServerDisconnectedError
 from asyncio_throttle import Throttler
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from .. import __version__
 from ..errors import BackendError, ConfigError
@@ -238,29 +237,22 @@ class OpenAIBackend:
         key = os.environ.get(self.api_key_env)
         return text.replace(key, "[api key]") if key and len(key) >= 4 else text
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def retry_delay(self, exc: BaseException, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` after ``exc`` ended attempt
+        ``attempt``: what ``Retry-After`` asks (capped), else exponential backoff with jitter;
+        none after a first attempt lost on a connection the server had closed."""
         if (
-            state.attempt_number == 1
+            attempt == 1
             and isinstance(exc, TransportError)
             and isinstance(exc.cause, ServerDisconnectedError | ClientOSError)
             and not isinstance(exc.cause, ClientConnectorError)
         ):
             return 0.0  # most likely a kept-alive connection the server had closed: a fresh one
-        asked = retry_after_seconds(exc) if exc is not None else None
+        asked = retry_after_seconds(exc)
         if asked is not None:
             return min(asked, self.retry_max_s)
-        backoff = self.retry_base_s * 2 ** (state.attempt_number - 1)
+        backoff = self.retry_base_s * 2 ** (attempt - 1)
         return float(min(self.retry_max_s, backoff) * (0.5 + random.random() / 2))
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "%s: attempt %d failed (%s); retrying",
-            self.endpoint,
-            state.attempt_number,
-            self.redact(describe_failure(exc)) if exc else "?",
-        )
 
     async def request(self, route: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """POST ``body`` to ``route`` with limits and retries; the JSON answer and its latency."""
@@ -276,28 +268,33 @@ class OpenAIBackend:
         started = time.perf_counter()
         wire = 0.0
         attempts = 0
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(is_retryable),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
         try:
             async with self._semaphore:
-                async for attempt in retrying:
-                    with attempt:
-                        if self._throttler is not None:
-                            await self._throttler.acquire()
-                        attempts += 1
-                        sent = time.perf_counter()
-                        try:
-                            if isinstance(client, HTTPClient):
-                                answer = await client.post_json(url, body)
-                            else:
-                                answer = await client.post(url, body=body, cast_to=object)
-                        finally:
-                            wire += time.perf_counter() - sent
+                # The retry loop by hand: no per-request objects on the path every request takes.
+                while True:
+                    if self._throttler is not None:
+                        await self._throttler.acquire()
+                    attempts += 1
+                    sent = time.perf_counter()
+                    try:
+                        if isinstance(client, HTTPClient):
+                            answer = await client.post_json(url, body)
+                        else:
+                            answer = await client.post(url, body=body, cast_to=object)
+                    except Exception as exc:
+                        wire += time.perf_counter() - sent
+                        if attempts > self.max_retries or not is_retryable(exc):
+                            raise
+                        log.warning(
+                            "%s: attempt %d failed (%s); retrying",
+                            self.endpoint,
+                            attempts,
+                            self.redact(describe_failure(exc)),
+                        )
+                        await asyncio.sleep(self.retry_delay(exc, attempts))
+                        continue
+                    wire += time.perf_counter() - sent
+                    break
         except ResponseTooLarge as exc:
             raise BackendError(self.redact(str(exc))) from None
         except Exception as exc:
