@@ -603,11 +603,18 @@ class Reranker:
         return self._loop.run(coro)
 
     async def aclose(self) -> None:
-        await self.backend.aclose()
+        try:
+            await self.backend.aclose()
+        finally:
+            # A server's tokenizer holds an HTTP session of its own.
+            inner = getattr(self.pipeline.tokenizer, "inner", self.pipeline.tokenizer)
+            close = getattr(inner, "aclose", None)
+            if close is not None:
+                await close()
 
     def close(self) -> None:
         if self._loop is not None:
-            self._loop.run(self.backend.aclose())
+            self._loop.run(self.aclose())
             self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
             self._loop = None
 
