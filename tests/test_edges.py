@@ -29,7 +29,9 @@ def raw() -> Iterator[Any]:
     yield from raw_servers()
 
 
-def llama_cpp(model_path: str = "/models/x.gguf", loading_for_s: float = 0.0) -> Any:
+def llama_cpp(
+    model_path: str = "/models/x.gguf", loading_for_s: float = 0.0, n_ctx: int = 2048
+) -> Any:
     """A llama.cpp server's answers: /v1/models, /props, /tokenize (one id per character),
     /detokenize and chat completions; 503 while ``loading_for_s`` has not passed."""
     started = time.monotonic()
@@ -41,7 +43,7 @@ def llama_cpp(model_path: str = "/models/x.gguf", loading_for_s: float = 0.0) ->
             return 200, {"data": [{"id": "SmolLM2.gguf", "owned_by": "llamacpp"}]}
         if path == "/props":
             return 200, {
-                "default_generation_settings": {"n_ctx": 2048},
+                "default_generation_settings": {"n_ctx": n_ctx},
                 "chat_template": "x",
                 "model_path": model_path,
                 "build_info": "b1",
@@ -162,6 +164,27 @@ def test_an_embedded_model_is_found_in_the_cache_on_another_port(raw: Any, tmp_p
     srv = raw(llama_cpp(str(gguf)))
     with Reranker(base_url=srv.base_url, model="SmolLM2.gguf", cache=cache) as reranker:
         assert reranker.rank("q", ["a", "b"]).usage.calls == 1
+
+
+def test_a_cli_rerun_on_another_port_of_the_same_model_file_is_answered_from_the_cache(
+    raw: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from permrank.cli import main
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    data = Path(__file__).resolve().parent.parent / "fixtures" / "dl19-5q" / "candidates.jsonl"
+    chats = []
+    for run in range(2):
+        srv = raw(llama_cpp(str(gguf), n_ctx=32768))
+        argv = ["rerank", "--input", str(data), "--output", str(tmp_path / f"o{run}.jsonl")]
+        argv += ["--base-url", srv.base_url, "--cache", str(tmp_path / "c.sqlite")]
+        argv += ["--limit", "1", "--depth", "5", "--window-size", "5", "--step", "5"]
+        argv += ["--tokenizer", "tiktoken"]
+        assert main(argv) == 0, capsys.readouterr().err
+        chats.append(sum(1 for _, path, _ in srv.requests if path.endswith("/chat/completions")))
+    assert chats == [1, 0]
+    assert (tmp_path / "o0.jsonl").read_bytes() == (tmp_path / "o1.jsonl").read_bytes()
 
 
 # -- server tokenizers ------------------------------------------------------------------------

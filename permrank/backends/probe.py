@@ -363,6 +363,10 @@ def endpoint(
     )
     try:
         server.start()
-        yield Endpoint(probe(server.base_url, None), server=server)
+        info = probe(server.base_url, None)
+        if info.identity is None:  # a build whose /props names no model file: we know it
+            found = model_file_identity(str(getattr(server, "model_path", "") or ""))
+            info.identity = f"llama.cpp:{found}" if found else None
+        yield Endpoint(info, server=server)
     finally:
         server.stop()
