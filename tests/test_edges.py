@@ -265,3 +265,51 @@ def test_as_data_is_bounded_by_bytes() -> None:
     for i in range(2000):
         as_data(f"{i} " + "y" * 50_000)
     assert memo.bytes <= memo.max_bytes
+
+
+def test_a_waiter_asks_itself_when_the_call_it_waited_for_is_cancelled(
+    raw: Any, tmp_path: Path
+) -> None:
+    srv = raw(delay=lambda path, body: 0.2)
+    backend = CachingBackend(OpenAIBackend(srv.base_url, "m"), tmp_path / "c.sqlite")
+
+    async def go() -> Any:
+        try:
+            first = asyncio.ensure_future(backend.complete(MESSAGES, max_tokens=9))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(backend.complete(MESSAGES, max_tokens=9))
+            await asyncio.sleep(0.05)
+            first.cancel()
+            return await second
+        finally:
+            await backend.aclose()
+
+    answer = asyncio.run(go())
+    assert answer.text == "[2] > [1]" and not answer.cached
+
+
+def test_usage_counts_each_attempt_as_cached_or_not_and_sums_waits() -> None:
+    from permrank.rerank import usage_of
+    from permrank.types import RepairReport, Usage, WindowTrace
+
+    trace = [
+        WindowTrace(
+            round=0,
+            docids=["a", "b"],
+            answer="[1] > [2]",
+            permutation=[0, 1],
+            repair=RepairReport(),
+            attempts=2,
+            cached=False,
+            cached_attempts=1,  # the cut answer came from the cache, the longer one did not
+            latency_s=0.5,
+            queued_seconds=0.25,
+            retries=2,
+        )
+    ]
+    usage = usage_of(trace, rounds=1)
+    assert (usage.calls, usage.cached_calls, usage.retries) == (1, 1, 2)
+    total = Usage()
+    total.add(usage)
+    total.add(usage)
+    assert (total.queued_seconds, total.latency_s, total.retries) == (0.5, 1.0, 4)

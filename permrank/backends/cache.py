@@ -219,11 +219,19 @@ class CachingBackend:
         caller that waited for another's call."""
         running = self._in_flight.get(key)
         if running is not None:
-            return await asyncio.shield(running), True
+            try:
+                return await asyncio.shield(running), True
+            except asyncio.CancelledError:
+                if not running.cancelled():
+                    raise  # this caller was cancelled
+                # The caller making the call was cancelled (its query lost): ask ourselves.
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
             result = await make()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning without waiters
@@ -232,7 +240,8 @@ class CachingBackend:
             future.set_result(result)
             return result, False
         finally:
-            del self._in_flight[key]
+            if self._in_flight.get(key) is future:
+                del self._in_flight[key]
 
     async def complete(
         self,
