@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 import urllib.parse
@@ -301,20 +300,10 @@ def probe(
     timeout_s: float = 10.0,
     wait_s: float | None = None,
 ) -> ServerInfo:
-    """``aprobe`` from sync code (the CLI); a loading server's progress goes to stderr."""
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+    """``aprobe`` from sync code (the CLI); a loading server's progress is logged (a warning
+    every few seconds, which the CLI shows on stderr)."""
     info: ServerInfo = run_sync(
-        lambda: aprobe(
-            base_url,
-            model,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            wait_s=wait_s,
-            progress=progress,
-        )
+        lambda: aprobe(base_url, model, api_key=api_key, timeout_s=timeout_s, wait_s=wait_s)
     )
     return info
 
