@@ -119,7 +119,11 @@ class HTTPClient:
         timeout_s: float = 120.0,
         limit: int = 8,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        trust_env: bool = False,
     ):
+        """``trust_env``: follow the environment's proxy settings (the probe, which may ask an
+        HTTPS endpoint behind a proxy; requests go through aiohttp only where none applies)."""
+        self.trust_env = trust_env
         self.headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -142,7 +146,7 @@ class HTTPClient:
                 headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=False,
+                trust_env=self.trust_env,
             )
         return self._session
 

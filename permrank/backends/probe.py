@@ -171,7 +171,7 @@ async def aprobe(
     base = base_url.rstrip("/")
     root = server_root(base)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    client = HTTPClient(headers=headers, timeout_s=timeout_s, limit=2)
+    client = HTTPClient(headers=headers, timeout_s=timeout_s, limit=2, trust_env=True)
     try:
         status, listing = await _list_models(
             client,
