@@ -103,6 +103,7 @@ def test_partial_last_line_is_repaired_and_the_query_asked_again(tmp_path, capsy
         lines = reference.read_bytes().splitlines(keepends=True)
         output = tmp_path / "out.jsonl"
         output.write_bytes(lines[0] + lines[1][: len(lines[1]) // 2])  # killed mid-write
+        copy_record(reference, output)
         asked = sim.state.requests
         argv = rerank_argv(
             sim,
@@ -130,10 +131,16 @@ def test_damaged_gzip_output_is_repaired(tmp_path, capsys):
         data = reference.read_bytes()
         output = tmp_path / "out.jsonl.gz"
         output.write_bytes(data[: len(data) - 40])  # the last member cut short
+        copy_record(reference, output)
         argv = rerank_argv(sim, CANDIDATES, output, tmp_path / "c.sqlite", "--limit", "3")
         assert run_cli(argv, capsys)[0] == 0
     with gzip.open(output, "rt") as a, gzip.open(reference, "rt") as b:
         assert a.read() == b.read()
+
+
+def copy_record(made: Path, to: Path) -> None:
+    """Give ``to`` the run record of ``made`` (the same settings made it)."""
+    Path(f"{to}.run.json").write_bytes(Path(f"{made}.run.json").read_bytes())
 
 
 def test_failed_queries_are_asked_again_and_overwrite_starts_afresh(tmp_path, capsys):
@@ -141,9 +148,13 @@ def test_failed_queries_are_asked_again_and_overwrite_starts_afresh(tmp_path, ca
     output = tmp_path / "out.jsonl"
     stale = {"qid": records[0]["qid"], "query": records[0]["query"], "candidates": []}
     failed = {**records[1], "error": "HTTP 503 after 6 attempts"}
-    output.write_text(json.dumps(stale) + "\n" + json.dumps(failed) + "\n")
     with simulator() as sim:
         argv = rerank_argv(sim, CANDIDATES, output, tmp_path / "c.sqlite", "--limit", "2")
+        # A run with these settings (another cache) left one query done and one failed.
+        first = rerank_argv(sim, CANDIDATES, output, None, "--no-cache", "--limit", "2")
+        assert run_cli(first, capsys)[0] == 0
+        output.write_text(json.dumps(stale) + "\n" + json.dumps(failed) + "\n")
+        sim.state.per_query.clear()
         assert run_cli(argv, capsys)[0] == 0
         assert sim.state.per_query[records[0]["qid"]] == 0  # written already: kept
         assert sim.state.per_query[records[1]["qid"]] == 9  # failed before: asked again

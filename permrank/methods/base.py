@@ -115,13 +115,18 @@ async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
     answer, latency, cached = await send(pipeline, route, full)
     choice = (answer.get("choices") or [{}])[0] or {}
     usage = answer.get("usage") or {}
+    from ..rerank import count_call  # the query's spend, kept even if it fails later
+
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    count_call(prompt_tokens, completion_tokens, latency, cached)
     return Call(
         answer=answer,
         choice=choice,
         route=route,
         latency_s=latency,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
         cached=cached,
     )
 
