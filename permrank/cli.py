@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"permrank {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"permrank {args.command}: interrupted", file=sys.stderr)
+        note = getattr(args, "interrupted_note", "")
+        print(f"permrank {args.command}: interrupted{note}", file=sys.stderr)
         return 130
 
 

@@ -165,3 +165,48 @@ def test_failed_queries_are_asked_again_and_overwrite_starts_afresh(tmp_path, ca
         assert run_cli(argv + ["--overwrite"], capsys)[0] == 0
         out = read_jsonl(output)
         assert [len(r["candidates"]) for r in out] == [100, 100]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_cleanly_counts_what_was_spent_and_resumes(tmp_path, capsys):
+    """SIGINT a real ``permrank rerank`` mid-run: one line, exit 130, no asyncio noise; the
+    manifest counts the calls really answered; the same command resumes and finishes."""
+    output = tmp_path / "run.jsonl"
+    with simulator(latency_s=0.03) as sim:
+        command = [sys.executable, "-m", "permrank"] + rerank_argv(
+            sim, CANDIDATES, output, tmp_path / "c.sqlite", "--concurrency", "2"
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while sim.state.requests < 12:
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        answered = sim.state.requests
+        assert proc.returncode == 130, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("permrank rerank: interrupted"), err
+        assert "run the same command again to resume" in lines[0]
+        for noise in ("Traceback", "Event loop is closed", "Task was destroyed", "SIGTERM"):
+            assert noise not in err
+        manifest = json.loads(Path(f"{output}.manifest.json").read_text())
+        assert manifest["stopped_by"] == "interrupted" and manifest["complete"] is False
+        spent = manifest["totals"]
+        # Every answer that arrived is counted, finished queries or not (at most the requests
+        # in flight when it stopped are not).
+        assert answered - 2 <= spent["calls"] <= answered
+        assert spent["prompt_tokens"] > 0 and spent["completion_tokens"] > 0
+        written = len(read_jsonl(output))
+
+        resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+    assert sorted(assert_whole_lines(output)) == sorted(QIDS)
+    manifest = json.loads(Path(f"{output}.manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["resumed_queries"] == written
+    # The totals include the interrupted session's calls.
+    assert manifest["totals"]["calls"] == spent["calls"] + manifest["this_run"]["totals"]["calls"]

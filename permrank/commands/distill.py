@@ -306,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(go())
+    except KeyboardInterrupt:
+        args.interrupted_note = (
+            f"; {already + done_now} queries are in {args.out}: run the same command again "
+            "to resume"
+        )
+        raise
     finally:
         bar.close()
         seconds = time.perf_counter() - t0

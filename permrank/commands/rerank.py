@@ -688,6 +688,10 @@ def run(
         raise
     except KeyboardInterrupt:
         stopped_by = "interrupted"
+        args.interrupted_note = (
+            f"; {len(done_before) + done} queries are in {args.output} and the calls spent are "
+            "counted in its manifest: run the same command again to resume"
+        )
         raise
     except BaseException as exc:
         stopped_by = f"{type(exc).__name__}: {exc}"
