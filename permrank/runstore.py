@@ -150,6 +150,8 @@ class RunStore:
         self.overwrite = overwrite
         self.flag = flag
         self._has_results = has_results
+        self._existed = self.output.exists() if has_results is None else has_results
+        """Whether the output was there before this run (its record's totals carry over)."""
         self.earlier = Usage()
         """The totals of the earlier sessions of this output (zero when starting afresh)."""
         self.earlier_seconds = 0.0
@@ -230,7 +232,7 @@ class RunStore:
         self.check(fingerprint)
         self.fingerprint = flatten(fingerprint)
         record = None
-        if not self.overwrite and (self.output.exists() or self._has_results):
+        if not self.overwrite and self._existed:
             record = self.read()
         if record is not None and not differences(record["fingerprint"], self.fingerprint):
             totals = dict(record.get("totals") or {})

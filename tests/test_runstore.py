@@ -250,3 +250,14 @@ def test_distill_resumes_with_the_same_teacher_and_counts_both_sessions(sim, tmp
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["totals"]["calls"] == 3 and manifest["this_run"]["totals"]["calls"] == 2
     assert manifest["totals"]["queries"] == 3 and manifest["resumed_queries"] == 1
+
+
+def test_a_record_without_its_output_carries_nothing(tmp_path):
+    output = tmp_path / "out.jsonl"
+    store = RunStore(output, tmp_path / "out.run.json")
+    store.begin({"a": 1})
+    store.finish(Usage(calls=7), 1.0)  # the output itself was never written (or was deleted)
+    again = RunStore(output, tmp_path / "out.run.json")
+    again.check({"a": 2})  # nothing to mix: not refused
+    again.begin({"a": 1})
+    assert again.totals(Usage()).calls == 0

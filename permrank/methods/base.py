@@ -9,7 +9,6 @@ so a Backend wrapper (a cache, a recorder) sees and can answer it like any chat 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -245,8 +244,10 @@ async def rerank_by_scores(scorer: PassageScorer, pipeline: Pipeline, request: R
     started = time.perf_counter()
     n = len(request.candidates)
     m = n if scorer.top_k is None else min(scorer.top_k, n)
-    results = await asyncio.gather(
-        *(scorer.score(pipeline, request.query, c) for c in request.candidates[:m])
+    from ..rerank import all_or_none  # one fails: the others are cancelled, not billed
+
+    results = await all_or_none(
+        scorer.score(pipeline, request.query, c) for c in request.candidates[:m]
     )
     scores = [s for s, _ in results]
     order = sorted(range(m), key=lambda i: (-scores[i], i)) + list(range(m, n))
