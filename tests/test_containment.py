@@ -115,10 +115,11 @@ def test_skip_covers_missing_logprobs_and_keeps_the_usage_spent(tmp_path, capsys
     totals = manifest["totals"]
     assert totals["failed_queries"] == 1 and list(manifest["failed"]) == [QIDS[0]]
     # The failed query's answers are counted: 5 good ones for the other query, and those the
-    # broken query was given before it failed.
+    # broken query was given before it failed (one in flight when it failed may be cancelled
+    # before its answer is read: the server answered it, the client never saw it).
     assert faults.answered >= 1
-    assert totals["calls"] == 5 + faults.answered
-    assert totals["prompt_tokens"] >= 50 * faults.answered
+    assert 5 + 1 <= totals["calls"] <= 5 + faults.answered
+    assert totals["prompt_tokens"] >= 50
     assert "failed_calls" not in totals
 
 
