@@ -148,3 +148,21 @@ def test_the_api_skips_a_template_overflow_of_one_query():
     assert rankings[0].usage.failed_queries == 1 and rankings[0].usage.failed_calls == 1
     assert rankings[0].docids == [c.docid for c in good.candidates]  # input order
     assert rankings[1].error is None and rankings[1].usage.calls == 3
+
+
+def test_a_failed_querys_ranking_carries_what_it_spent():
+    faults = NoLogprobsFor(QIDS[0])
+    requests = list(read_requests(CANDIDATES))[:2]
+    for r in requests:
+        r.candidates = r.candidates[:5]
+    with simulator(faults=faults) as sim:
+        with Reranker(
+            sim.state.model, sim.base_url, method="pointwise", concurrency=1, on_error="skip"
+        ) as reranker:
+            failed, good = reranker.rerank_batch(requests)
+    assert failed.error is not None and good.error is None
+    usage = failed.usage
+    assert usage.failed_queries == 1 and usage.calls >= 1
+    # Exactly the answers it was given: 50 prompt tokens and 1 completion token each.
+    assert (usage.prompt_tokens, usage.completion_tokens) == (50 * usage.calls, usage.calls)
+    assert good.usage.calls == 5 and good.usage.failed_queries == 0
