@@ -261,3 +261,35 @@ def test_a_record_without_its_output_carries_nothing(tmp_path):
     again.check({"a": 2})  # nothing to mix: not refused
     again.begin({"a": 1})
     assert again.totals(Usage()).calls == 0
+
+
+def test_settings_that_do_not_change_results_resume(sim, tmp_path, capsys):
+    """Defaults spelled out, another concurrency, timeout, cache or --limit: the same run."""
+    output, before = first_run(sim, tmp_path, capsys)
+    sent = len(sim.recorder.bodies)
+    argv = rerank_argv(
+        sim,
+        CANDIDATES,
+        output,
+        tmp_path / "other.sqlite",
+        "--limit",
+        "2",
+        "--window-size",
+        "20",
+        "--step",
+        "10",
+        "--passes",
+        "1",
+        "--temperature",
+        "0",
+        "--concurrency",
+        "3",
+        "--timeout",
+        "50",
+        "--max-retries",
+        "2",
+    )
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert output.read_bytes() == before
+    assert len(sim.recorder.bodies) == sent  # nothing asked again

@@ -595,7 +595,7 @@ def run_fingerprint(args: argparse.Namespace, reranker: Reranker, *, resolved: b
         "depth": args.depth,
         "template": {"name": reranker.template.name, "sha256": reranker.template.sha256},
         "strategy": {"name": type(reranker.strategy).__name__, **vars(reranker.strategy)},
-        "method": reranker.method.describe() if reranker.method else {"name": "listwise"},
+        "method": pipeline.method.describe() if pipeline.method else {"name": "listwise"},
         "sampling": {
             "temperature": sampling.temperature,
             "seed": sampling.seed,
