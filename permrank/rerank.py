@@ -81,7 +81,9 @@ class Spend:
     usage: Usage = field(default_factory=Usage)
     parent: Spend | None = None
 
-    def count(self, prompt_tokens: int, completion_tokens: int, latency_s: float, cached: bool):
+    def count(
+        self, prompt_tokens: int, completion_tokens: int, latency_s: float, cached: bool
+    ) -> None:
         spend: Spend | None = self
         while spend is not None:
             usage = spend.usage
