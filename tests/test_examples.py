@@ -7,6 +7,7 @@ folder, against a simulator started by the command the quickstart gives.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -59,6 +60,15 @@ def _methods(out: str) -> None:
     assert "(1 model calls)" in lines[0] and "(4 model calls)" in lines[1], out
 
 
+def _losses(out: str) -> None:
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["listnet_loss", "listmle_loss", "lambda_loss"]
+    for line in lines:
+        loss, first = re.search(r"^\S+\s+([0-9.]+)  gradient \[([-+0-9.]+),", line).groups()
+        assert float(loss) > 0 and float(first) < 0, line  # descent raises the teacher's first
+        assert line.endswith("padding 0.0"), line  # padding gets no gradient
+
+
 def _batch(out: str) -> None:
     values = dict(re.findall(r"^nDCG@10 (first stage|reranked)\s+([0-9.]+)$", out, re.M))
     assert out.startswith("5 queries, "), out
@@ -73,7 +83,9 @@ RUNS: dict[str, tuple[list[str], Callable[[str], None]]] = {
     "examples/strategies.py": ([], _strategies),
     "examples/methods.py": (["{url}"], _methods),
     "examples/batch.py": (["{url}", str(DL19)], _batch),
+    "examples/losses.py": ([], _losses),
 }
+NEEDS = {"examples/losses.py": "torch"}  # an extra's module; CI installs every extra
 
 
 def test_the_docs_show_examples_and_each_is_run_or_excused() -> None:
@@ -83,6 +95,16 @@ def test_the_docs_show_examples_and_each_is_run_or_excused() -> None:
     assert shown <= on_disk, f"docs include missing examples: {sorted(shown - on_disk)}"
     assert shown - set(NOT_RUN) <= set(RUNS), "a new example needs a line in RUNS"
     assert on_disk <= shown | set(NOT_RUN), f"examples no page shows: {on_disk - shown}"
+
+
+def readme_snippets() -> list[tuple[str, str]]:
+    """Python blocks of the README (and its draft) that talk to the quickstart's simulator."""
+    found = []
+    for page in (ROOT / "README.md", ROOT / "README.new.md"):
+        if page.exists():
+            blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+            found += [(page.name, b) for b in blocks if '"permrank-simulator"' in b]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +136,10 @@ def simulator_url() -> Iterator[str]:
 @pytest.mark.parametrize("example", sorted(documented_examples() - set(NOT_RUN)))
 def test_example_runs_as_written(example: str, request: pytest.FixtureRequest) -> None:
     args, check = RUNS[example]
+    if example in NEEDS and importlib.util.find_spec(NEEDS[example]) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{example} needs {NEEDS[example]}, which CI installs")
+        pytest.skip(f"{example} needs {NEEDS[example]} (an extra)")
     if any("{url}" in a for a in args):  # only these need the simulator
         url = request.getfixturevalue("simulator_url")
         args = [a.format(url=url) for a in args]
@@ -127,3 +153,26 @@ def test_example_runs_as_written(example: str, request: pytest.FixtureRequest) -
     )
     assert result.returncode == 0, result.stderr
     check(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    readme_snippets(),
+    ids=[f"{name}-{i}" for i, (name, _) in enumerate(readme_snippets())],
+)
+def test_readme_python_runs_against_the_simulator(
+    snippet: tuple[str, str], simulator_url: str, tmp_path: Path
+) -> None:
+    """As a reader pastes it, with the simulator at the quickstart's address (here: a free port)."""
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet[1].replace("http://127.0.0.1:8000/v1", simulator_url))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "The life cycle of a flea" in result.stdout.splitlines()[0], result.stdout  # grade 3
