@@ -108,25 +108,27 @@ def readme_snippets() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def simulator_url() -> Iterator[str]:
+def simulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``permrank simulate --data ../shared/data/trec-dl19`` on a free loopback port."""
     if not (DL19 / "candidates.jsonl").exists():
         if os.environ.get("CI"):
             pytest.fail(f"DL19 data missing at {DL19} (CI has ../shared/data beside the repo)")
         pytest.skip(f"DL19 data not found at {DL19}")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "permrank", "simulate", "--data", str(DL19), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    log = tmp_path_factory.mktemp("simulator") / "stderr.txt"
+    with open(log, "w") as stderr:  # a file, not a pipe nobody reads: the server never blocks
+        server = subprocess.Popen(
+            [sys.executable, "-m", "permrank", "simulate", "--data", str(DL19), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
     try:
         assert server.stdout is not None
         banner = server.stdout.readline()
         found = re.search(r"http://127\.0\.0\.1:\d+/v1", banner)
-        assert found, f"no base URL in the simulator's first line: {banner!r}"
+        assert found, f"no base URL in the simulator's first line: {banner!r}; {log.read_text()}"
         yield found.group(0)
     finally:
         server.terminate()
