@@ -100,7 +100,8 @@ def respond_rerank(state: SimulatorState, body: dict[str, Any], path: str) -> tu
         scores, _ = head_scores(state, query, [_text(t) for t in texts])
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return 200, [
-            {"index": i, "score": scores[i]} | ({"text": texts[i]} if body.get("return_text") else {})
+            {"index": i, "score": scores[i]}
+            | ({"text": texts[i]} if body.get("return_text") else {})
             for i in order
         ]
     documents = body.get("documents")

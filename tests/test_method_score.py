@@ -117,7 +117,9 @@ def test_auto_finds_the_shape_served(corpus: Corpus, qrels: dict, api: str) -> N
         with Reranker(MODEL, sim.base_url, method="score") as reranker:
             ranking = reranker.rank(request.query.text, request.candidates)
             assert reranker.method.describe()["resolved_api"] == api
-    assert ranking.docids == perfect(qrels, request.query.qid, [c.docid for c in request.candidates])
+    assert ranking.docids == perfect(
+        qrels, request.query.qid, [c.docid for c in request.candidates]
+    )
 
 
 def test_batches_cache_and_retries(corpus: Corpus, qrels: dict, tmp_path: Path) -> None:
@@ -182,5 +184,3 @@ def test_cli_flag_applies_only_to_score(tmp_path: Path, capsys: pytest.CaptureFi
     )
     assert code == 2
     assert "--score-api does not apply to --method listwise" in capsys.readouterr().err
-
-

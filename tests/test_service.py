@@ -64,9 +64,7 @@ class Running:
 
 def serve(base_url: str, options: ServiceOptions | None = None, **reranker_options) -> Running:
     reranker_options.setdefault("transport", "plain")
-    return Running(
-        create_app(lambda: Reranker(MODEL, base_url, **reranker_options), options)
-    )
+    return Running(create_app(lambda: Reranker(MODEL, base_url, **reranker_options), options))
 
 
 def queries() -> list[tuple[str, list[str]]]:
@@ -286,13 +284,21 @@ def test_scoring_method_reports_the_model_score(corpus: Corpus) -> None:
     top = results[0]
     grade = grades.get((request.query.qid, request.candidates[top["index"]].docid), 0)
     assert top["relevance_score"] == pytest.approx(1 / (1 + math.exp(-(2 * grade - 3))))
-    shown = [grades.get((request.query.qid, request.candidates[r["index"]].docid), 0) for r in results]
+    shown = [
+        grades.get((request.query.qid, request.candidates[r["index"]].docid), 0) for r in results
+    ]
     assert shown == sorted(shown, reverse=True)
 
 
 def test_trace_endpoint_returns_windows_moves_and_cost(service: Running) -> None:
     query, documents = queries()[0]
-    body = {"query": query, "documents": documents[:30], "strategy": "sliding", "window_size": 10, "step": 5}
+    body = {
+        "query": query,
+        "documents": documents[:30],
+        "strategy": "sliding",
+        "window_size": 10,
+        "step": 5,
+    }
     answer = httpx.post(f"{service.url}/v1/trace", json=body, timeout=60).json()
     assert sorted(r["index"] for r in answer["order"]) == list(range(30))
     assert all(r["moved"] == r["old_rank"] - r["new_rank"] for r in answer["order"])

@@ -22,9 +22,9 @@ request, its ``answer`` the JSON ``{"scores": [...]}`` parallel to its ``docids`
 from __future__ import annotations
 
 import asyncio
-import math
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field

@@ -46,7 +46,6 @@ from .schemas import (
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass
 class ServiceOptions:
     """How the server behaves, apart from the engine."""
