@@ -23,48 +23,16 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-import uvicorn  # noqa: E402
+from service_support import MODEL, Running, serve  # noqa: E402
 
 from permrank.io import read_requests  # noqa: E402
 from permrank.rerank import Reranker  # noqa: E402
 from permrank.servers.process import free_port  # noqa: E402
-from permrank.service import ServiceOptions, create_app  # noqa: E402
+from permrank.service import ServiceOptions  # noqa: E402
 from permrank.simulator import Corpus, Simulator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"
-MODEL = "permrank-simulator"
-
-
-class Running:
-    """A uvicorn server for ``app`` in a thread, on a free loopback port."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "the API server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-
-
-def serve(base_url: str, options: ServiceOptions | None = None, **reranker_options) -> Running:
-    reranker_options.setdefault("transport", "plain")
-    return Running(create_app(lambda: Reranker(MODEL, base_url, **reranker_options), options))
 
 
 def queries() -> list[tuple[str, list[str]]]:
