@@ -314,7 +314,7 @@ def test_cli_serves_and_stops_on_sigterm(noisy_sim: Simulator) -> None:
         ).json()
         assert [r["index"] for r in answer["results"]] == reference(noisy_sim, query, documents)
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
+        assert process.wait(timeout=20) == 0
     finally:
         if process.poll() is None:
             process.kill()
@@ -344,7 +344,7 @@ def test_sigterm_stops_the_embedded_llama_server_too() -> None:
         children = descendants(process.pid)
         assert children, "no embedded llama.cpp server was started"
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        assert process.wait(timeout=30) == 0
         time.sleep(0.5)
         alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
         assert not alive, f"left running: {alive}"

@@ -81,7 +81,9 @@ def register_api(kinds: argparse._SubParsersAction) -> None:
 def serve_api(args: argparse.Namespace) -> int:
     import copy
     import os
+    import signal
     import sys
+    import threading
 
     from ..errors import ConfigError
     from ..servers.process import free_port
@@ -117,6 +119,15 @@ def serve_api(args: argparse.Namespace) -> int:
         page=not args.no_page,
     )
     port = args.port or free_port(args.host)
+
+    def stop(signum: int, frame: object) -> None:
+        # uvicorn handles SIGTERM while it serves (requests in flight finish) and raises it
+        # again once stopped; then, or before it serves, it ends the run here: the embedded
+        # server (if any) is stopped as the `with` below unwinds, and the exit status is 0.
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
     def run(endpoint: object | None) -> None:
         upstream.endpoint = endpoint
