@@ -143,7 +143,7 @@ def test_models_health_docs(service: Running) -> None:
         ({"model": MODEL, "query": "  ", "documents": ["a"]}, 422, "query"),
         ({"model": "no-such-model", "query": "q", "documents": ["a"]}, 404, "model"),
         ({"query": "q", "documents": [{"title": "no text"}]}, 422, "documents[0].text"),
-        ({"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
+        ({"query": "q", "documents": ["a"], "top_n": -1}, 422, "top_n"),
         ({"query": "q", "documents": ["d"] * 61}, 413, "documents"),
         ({"query": "q", "documents": ["x" * 1000] * 59 + ["y" * 150_000]}, 413, "body"),
         ("{not json", 400, "body"),

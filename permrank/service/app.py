@@ -297,7 +297,7 @@ def create_app(
             index = int(candidate.docid)
             document = DocumentOut(text=texts[index]) if body.return_documents else None
             results.append(RerankResult(index=index, relevance_score=score, document=document))
-        if body.top_n is not None:
+        if body.top_n:
             results = results[: body.top_n]
         usage = ranking.usage
         response = RerankResponse(

@@ -25,7 +25,9 @@ class RerankRequest(BaseModel):
     documents: list[str | dict[str, Any]] = Field(
         min_length=1, description='passages: strings, or objects with a "text" field'
     )
-    top_n: int | None = Field(None, ge=1, description="return only the best N (default: all)")
+    top_n: int | None = Field(
+        None, ge=0, description="return only the best N (default, or 0 as vLLM sends: all)"
+    )
     return_documents: bool = Field(False, description="include each document in its result")
     rank_fields: list[str] | None = Field(
         None, description="Cohere v1: fields of object documents read as the text, in order"
