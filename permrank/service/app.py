@@ -392,6 +392,7 @@ def create_app(
         return {
             "strategy": {"name": strategy_name(pipeline), **vars(pipeline.strategy)},
             "method": method_name(pipeline),
+            "uses_strategy": method_name(pipeline) in ("listwise", "first"),
             "order": rows,
             "windows": [
                 {
