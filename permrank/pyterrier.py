@@ -54,9 +54,10 @@ class PermRank(pt.Transformer):
         self.text_field = text_field
 
     def __repr__(self) -> str:
-        engine = self.reranker
-        method = engine.method.name if engine.method is not None else "listwise"
-        return f"PermRank({engine.backend.model!r}, {type(engine.strategy).__name__}, {method})"
+        pipeline = self.reranker.pipeline
+        method = pipeline.method.name if pipeline.method is not None else "listwise"
+        name = type(pipeline.strategy).__name__
+        return f"PermRank({pipeline.backend.model!r}, {name}, {method})"
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         missing = [c for c in ("qid", "query", "docno", self.text_field) if c not in inp.columns]
@@ -96,7 +97,8 @@ class PermRank(pt.Transformer):
             query = Query(qid=str(qid), text=str(rows["query"].iloc[0]))
             requests.append(Request(query=query, candidates=candidates))
         rankings = self.reranker.rerank_batch(requests)  # concurrently, in input order
-        method = self.reranker.method.name if self.reranker.method is not None else "listwise"
+        chosen = self.reranker.pipeline.method
+        method = chosen.name if chosen is not None else "listwise"
         parts = []
         for qid, ranking in zip(qids, rankings, strict=True):
             rows = groups[qid]

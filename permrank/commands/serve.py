@@ -134,7 +134,7 @@ def serve_api(args: argparse.Namespace) -> int:
         reranker = reranker_from_args(upstream)  # probed and checked before listening
         app = create_app(lambda: reranker, options)
         print(
-            f"permrank serve api: http://{args.host}:{port} (model {reranker.backend.model}, "
+            f"permrank serve api: http://{args.host}:{port} (model {reranker.pipeline.backend.model}, "
             f"strategy {args.strategy}, method {args.method}); docs at /docs; Ctrl-C or "
             "SIGTERM stops it",
             file=sys.stderr,

@@ -179,7 +179,7 @@ def create_app(
         return state["reranker"]
 
     def names() -> list[str]:
-        found = [reranker().backend.model, *options.model_names, "permrank"]
+        found = [reranker().pipeline.backend.model, *options.model_names, "permrank"]
         return list(dict.fromkeys(n for n in found if n))
 
     def method_name(pipeline: Pipeline) -> str:
@@ -366,7 +366,7 @@ def create_app(
                     "id": name,
                     "object": "model",
                     "owned_by": "permrank",
-                    "upstream": engine.backend.model,
+                    "upstream": engine.pipeline.backend.model,
                     "strategy": strategy_name(engine.pipeline),
                     "method": method_name(engine.pipeline),
                 }
@@ -376,7 +376,7 @@ def create_app(
 
     @app.get("/health", tags=["service"])
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": reranker().backend.model}
+        return {"status": "ok", "model": reranker().pipeline.backend.model}
 
     @app.post("/v1/trace", tags=["page"], summary="rerank and return every window")
     async def trace(body: TraceRequest) -> dict[str, Any]:
@@ -429,7 +429,7 @@ def create_app(
             "strategy": current,
             "method": method_name(pipeline),
             "window_size": getattr(pipeline.strategy, "window_size", None),
-            "model": reranker().backend.model,
+            "model": reranker().pipeline.backend.model,
         }
 
     if options.page:
