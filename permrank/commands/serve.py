@@ -133,8 +133,9 @@ def serve_api(args: argparse.Namespace) -> int:
         upstream.endpoint = endpoint
         reranker = reranker_from_args(upstream)  # probed and checked before listening
         app = create_app(lambda: reranker, options)
+        model = reranker.pipeline.backend.model
         print(
-            f"permrank serve api: http://{args.host}:{port} (model {reranker.pipeline.backend.model}, "
+            f"permrank serve api: http://{args.host}:{port} (model {model}, "
             f"strategy {args.strategy}, method {args.method}); docs at /docs; Ctrl-C or "
             "SIGTERM stops it",
             file=sys.stderr,
