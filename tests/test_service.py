@@ -122,7 +122,23 @@ def test_tei_shape(service: Running, noisy_sim: Simulator) -> None:
     assert isinstance(answer, list)
     assert [a["index"] for a in answer] == reference(noisy_sim, query, documents[:20])
     assert all(a["text"] == documents[a["index"]] for a in answer)
+    plain = httpx.post(f"{service.url}/rerank", json={**body, "return_text": False}, timeout=60)
+    assert all(set(a) == {"index", "score"} for a in plain.json())
     assert all(a["score"] > b["score"] for a, b in zip(answer, answer[1:], strict=False))
+
+
+def test_jina_shape_at_rerank_too(service: Running, noisy_sim: Simulator) -> None:
+    """vLLM serves Jina's shape at /rerank: a body with documents gets that answer there."""
+    query, documents = queries()[2]
+    body = {"query": query, "documents": documents[:20], "top_n": 3}
+    answer = httpx.post(f"{service.url}/rerank", json=body, timeout=60).json()
+    assert [r["index"] for r in answer["results"]] == reference(noisy_sim, query, documents[:20])[
+        :3
+    ]
+    missing = httpx.post(f"{service.url}/rerank", json={"query": query}, timeout=30)
+    assert missing.status_code == 422 and missing.json()["field"] == "texts"
+    bad = httpx.post(f"{service.url}/rerank", content="{", timeout=30)
+    assert bad.status_code == 400 and bad.json()["field"] == "body"
 
 
 def test_models_health_docs(service: Running) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -144,6 +145,14 @@ def moved(ranking: Ranking) -> list[dict[str, Any]]:
         old = int(c.docid)
         rows.append({"index": old, "old_rank": old, "new_rank": new, "moved": old - new})
     return rows
+
+
+def validated(model: type[Any], data: Any) -> Any:
+    """``data`` as ``model``, or the validation error the other routes give."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
 
 
 def create_app(
@@ -340,8 +349,36 @@ def create_app(
     async def rerank_v2(body: RerankRequest) -> dict[str, Any]:
         return await rerank_api(body, "2")
 
-    @app.post("/rerank", tags=["rerank"], summary="TEI rerank", response_model=list[TeiResult])
-    async def rerank_tei(body: TeiRequest) -> list[dict[str, Any]]:
+    both_shapes = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [TeiRequest.model_json_schema(), RerankRequest.model_json_schema()]
+                    }
+                }
+            },
+        }
+    }
+
+    @app.post(
+        "/rerank",
+        tags=["rerank"],
+        summary="TEI rerank (texts); with documents instead, Jina's as vLLM serves it here",
+        response_model=list[TeiResult] | RerankResponse,
+        response_model_exclude_none=True,
+        openapi_extra=both_shapes,
+    )
+    async def rerank_tei(request: Request) -> Any:
+        try:
+            data = await request.json()
+        except ValueError as exc:
+            message = f"the body is not valid JSON: {exc}"
+            raise ApiError(400, message, "body", "invalid_json") from None
+        if isinstance(data, dict) and "documents" in data and "texts" not in data:
+            return await rerank_api(validated(RerankRequest, data), "1")
+        body = validated(TeiRequest, data)
         check_model(body.model)
         check_count(len(body.texts), "texts")
         pipeline = reranker().pipeline
