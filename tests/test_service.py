@@ -317,25 +317,64 @@ def cli(*args: str) -> subprocess.Popen:
     )
 
 
-def test_cli_serves_and_stops_on_sigterm(noisy_sim: Simulator) -> None:
+def cli_reference(sim: Simulator, tmp_path: Path, depth: int) -> dict[str, list[int]]:
+    """`permrank rerank` over the fixture (sliding windows, its defaults): each query's order
+    as positions in its input."""
+    from permrank.cli import main
+
+    output = tmp_path / "reference.jsonl"
+    code = main(
+        ["rerank", "--input", str(DL19_5Q / "candidates.jsonl"), "--output", str(output)]
+        + ["--base-url", sim.base_url, "--model", MODEL, "--depth", str(depth), "-q"]
+        + ["--no-cache"]
+    )
+    assert code == 0
+    inputs = {
+        r.query.text: [c.docid for c in r.candidates[:depth]]
+        for r in read_requests(str(DL19_5Q / "candidates.jsonl"))
+    }
+    found = {}
+    for line in output.read_text().splitlines():
+        record = json.loads(line)
+        docids = inputs[record["query"]]
+        found[record["query"]] = [docids.index(c["docid"]) for c in record["candidates"]]
+    return found
+
+
+def test_cli_serves_cohere_clients_at_once_and_stops_on_sigterm(
+    noisy_sim: Simulator, tmp_path: Path
+) -> None:
+    """As a user runs it: `permrank serve api` in front of an endpoint, v1 and v2 cohere
+    clients asking several queries at once, each ranking the one `permrank rerank` gives."""
+    cohere = pytest.importorskip("cohere")
+    expected = cli_reference(noisy_sim, tmp_path, depth=40)
     port = free_port()
     process = cli("--base-url", noisy_sim.base_url, "--model", MODEL, "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_health(f"http://127.0.0.1:{port}", process)
-        query, documents = queries()[3]
-        answer = httpx.post(
-            f"http://127.0.0.1:{port}/v2/rerank",
-            json={"model": MODEL, "query": query, "documents": documents},
-            timeout=60,
-        ).json()
-        assert [r["index"] for r in answer["results"]] == reference(noisy_sim, query, documents)
+        wait_health(url, process)
+        v1 = cohere.Client(api_key="unused", base_url=url)
+        v2 = cohere.ClientV2(api_key="unused", base_url=url)
+
+        def ask(job: tuple[str, list[str], str]) -> tuple[str, list[int]]:
+            query, documents, version = job
+            if version == "v1":
+                answer = v1.rerank(query=query, documents=documents, model=MODEL)
+            else:
+                answer = v2.rerank(query=query, documents=documents, model=MODEL)
+            return query, [r.index for r in answer.results]
+
+        jobs = [(q, d, v) for q, d in queries() for v in ("v1", "v2")]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            for query, indices in pool.map(ask, jobs):
+                assert indices == expected[query]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
         if process.poll() is None:
             process.kill()
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        httpx.get(f"{url}/health", timeout=2)
 
 
 def test_cli_refuses_an_empty_key_variable(noisy_sim: Simulator) -> None:
