@@ -227,7 +227,8 @@ def create_app(
             key = os.environ.get(options.api_key_env, "")
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), key):
+            right = scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+            if not key or not right:  # an empty key lets no one in
                 return error_response(
                     401,
                     "missing or wrong API key: send 'Authorization: Bearer <key>'",
