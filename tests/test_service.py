@@ -249,6 +249,24 @@ def test_a_slow_request_does_not_hold_a_fast_one(corpus: Corpus) -> None:
     assert timings["fast"] < 3 * 0.3, timings
 
 
+def test_windows_of_many_clients_are_in_flight_together(corpus: Corpus) -> None:
+    """Six clients, one window each: answered together (within --concurrency 8), not one by one."""
+    latency = 0.5
+    cases = [(q, d[:20]) for q, d in queries()] + [(q, d[20:40]) for q, d in queries()[:1]]
+    with Simulator(corpus, latency_s=latency) as sim, serve(sim.base_url, cache=None) as running:
+        url = f"{running.url}/v1/rerank"
+
+        def ask(case: tuple[str, list[str]]) -> int:
+            body = {"query": case[0], "documents": case[1]}
+            return httpx.post(url, json=body, timeout=60).status_code
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(cases)) as pool:
+            assert set(pool.map(ask, cases)) == {200}
+        seconds = time.perf_counter() - started
+    assert seconds < 3 * latency, f"{len(cases)} one-window requests took {seconds:.2f} s"
+
+
 def test_scoring_method_reports_the_model_score(corpus: Corpus) -> None:
     grades = {}
     for line in (DL19_5Q / "qrels.txt").read_text().splitlines():
