@@ -233,7 +233,7 @@ class OpenAIBackend:
                     f"{self.model!r}, or raise --max-retries / --timeout."
                 ) from None
             raise
-        if not isinstance(answer, dict):
+        if not isinstance(answer, dict | list):  # a list: TEI's /rerank
             raise BackendError(
                 f"{self.endpoint}{route}: answer is not a JSON object: {answer!r:.200}"
             )

@@ -210,7 +210,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=METHOD_NAMES,
         help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
         "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
-        "pairwise (A-or-B comparisons, PRP)",
+        "pairwise (A-or-B comparisons, PRP), score (a learned head's scores through the "
+        "endpoint's rerank API)",
     )
     g.add_argument(
         "--yes-score",
@@ -241,6 +242,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=("chat", "completions"),
         help="pointwise/first/pairwise: ask /chat/completions (default) or /completions "
         "(base models)",
+    )
+    g.add_argument(
+        "--score-api",
+        choices=("auto", "rerank", "tei", "score"),
+        help="score: the endpoint's API for a learned relevance head: rerank (Cohere/Jina/vLLM "
+        "/v1/rerank), tei (TEI /rerank), score (vLLM /score); auto finds what it serves",
+    )
+    g.add_argument(
+        "--score-batch", type=int, help="score: passages per rerank/score request (32)"
     )
 
 
@@ -788,6 +798,8 @@ METHOD_FLAGS = {
     "pairwise_k": "k",
     "top_logprobs": "top_logprobs",
     "route": "route",
+    "score_api": "api",
+    "score_batch": "batch",
 }
 
 
