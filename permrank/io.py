@@ -169,12 +169,36 @@ def _numbered_requests(path: str | Path) -> Iterator[tuple[int, Request]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if looks_like_trec_run(line):
+                raise InputError(
+                    "this looks like a TREC run line (qid Q0 docid rank score tag), but --input "
+                    "must be JSONL with the texts: one query a line, "
+                    '{"qid": ..., "query": "text", "candidates": [{"docid": ..., "text": ...}]}. '
+                    "Convert the run by joining it with the queries' and passages' texts (e.g. "
+                    "from ir_datasets or your corpus), keeping each query's candidates in run "
+                    "order; rank_llm's Request layout is read too",
+                    path=str(path),
+                    line=lineno,
+                ) from None
             raise InputError(
                 f"malformed JSON ({exc.msg} at column {exc.colno}): fix or remove this line",
                 path=str(path),
                 line=lineno,
             ) from None
         yield lineno, parse_request(record, path=str(path), line=lineno)
+
+
+def looks_like_trec_run(line: str) -> bool:
+    """``qid Q0 docid rank score tag``: a TREC run line, not JSON."""
+    fields = line.split()
+    if len(fields) != 6 or fields[1].upper() not in ("Q0", "0"):
+        return False
+    try:
+        int(fields[3])
+        float(fields[4])
+    except ValueError:
+        return False
+    return True
 
 
 def read_requests(path: str | Path) -> Iterator[Request]:

@@ -8,6 +8,7 @@ come out in input order, streamed, with a bounded number of queries in memory.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .backends.base import Backend
-from .errors import BackendError, ConfigError
+from .errors import ConfigError, PermrankError
 from .methods.base import Method
 from .parse import parse_permutation
 from .prompts import (
@@ -110,6 +111,64 @@ def memo_tokenizer() -> Tokenizer:
 
 
 @dataclass
+class Spend:
+    """What a query (and the run it belongs to) has cost so far, counted as each answer arrives.
+
+    A query that fails, or is cancelled by an interrupted run, keeps what it really spent: the
+    answers it was given before, not only those of the windows that made it into a Ranking.
+    """
+
+    usage: Usage = field(default_factory=Usage)
+    parent: Spend | None = None
+
+    def count(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_s: float,
+        cached: bool,
+        queued_s: float = 0.0,
+        retries: int = 0,
+    ) -> None:
+        spend: Spend | None = self
+        while spend is not None:
+            usage = spend.usage
+            if cached:
+                usage.cached_calls += 1
+            else:
+                usage.calls += 1
+            usage.prompt_tokens += prompt_tokens
+            usage.completion_tokens += completion_tokens
+            usage.latency_s += latency_s
+            usage.queued_seconds += queued_s
+            usage.retries += retries
+            spend = spend.parent
+
+
+_SPEND: contextvars.ContextVar[Spend | None] = contextvars.ContextVar("spend", default=None)
+
+
+def count_call(
+    prompt_tokens: int,
+    completion_tokens: int,
+    latency_s: float,
+    cached: bool = False,
+    queued_s: float = 0.0,
+    retries: int = 0,
+) -> None:
+    """Count one answered call against the query being reranked (a no-op outside one).
+
+    Every answer a query is given passes here (``ask_window``; ``methods.base.call``)."""
+    spend = _SPEND.get()
+    if spend is not None:
+        spend.count(prompt_tokens, completion_tokens, latency_s, cached, queued_s, retries)
+
+
+def _count(c: Completion) -> None:
+    count_call(c.prompt_tokens, c.completion_tokens, c.latency_s, c.cached, c.queued_s, c.retries)
+
+
+@dataclass
 class Pipeline:
     """Everything one query's reranking needs, minus the query."""
 
@@ -165,6 +224,7 @@ async def ask_window(
         )
 
     completion = await send(max_tokens)
+    _count(completion)
     attempts = 1
     cached_attempts = int(completion.cached)
     # An answer cut by max_tokens is asked once more with up to twice the budget (as much as
@@ -186,6 +246,7 @@ async def ask_window(
         )
         first = completion
         completion = await send(more_tokens)
+        _count(completion)
         completion.prompt_tokens += first.prompt_tokens
         completion.completion_tokens += first.completion_tokens
         completion.latency_s += first.latency_s
@@ -238,15 +299,59 @@ AskWindow = Callable[
 ]
 
 
-async def rerank_request(pipeline: Pipeline, request: Request) -> Ranking:
-    """Rerank one query. Raises ``BackendError`` if a window cannot be answered."""
-    if pipeline.method is not None:
-        return await pipeline.method.rerank(pipeline, request)
-    return await drive_strategy(pipeline, request, ask_window)
+async def rerank_request(
+    pipeline: Pipeline, request: Request, *, run_spend: Spend | None = None
+) -> Ranking:
+    """Rerank one query.
+
+    Raises the ``PermrankError`` that stopped it (a backend failure, a template that does not
+    fit, missing logprobs, ...) with ``qid``, ``usage`` (what the query really spent, its
+    ``failed_queries`` 1) and ``trace`` (the windows answered before) set on it. ``run_spend``,
+    when given, is charged with every answer too, as it arrives.
+    """
+    spend = Spend(parent=run_spend)
+    token = _SPEND.set(spend)
+    try:
+        if pipeline.method is not None:
+            return await pipeline.method.rerank(pipeline, request)
+        return await drive_strategy(pipeline, request, ask_window)
+    except PermrankError as exc:
+        usage = spend.usage.model_copy(deep=True)
+        usage.rounds = getattr(exc, "rounds", 0)
+        usage.failed_queries = 1
+        exc.qid = request.query.qid  # type: ignore[attr-defined]
+        exc.usage = usage  # type: ignore[attr-defined]
+        if not hasattr(exc, "trace"):
+            exc.trace = []  # type: ignore[attr-defined]
+        raise
+    finally:
+        _SPEND.reset(token)
+
+
+async def all_or_none(awaitables: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Await together; when one fails, the others are cancelled (nothing more is sent for them)
+    and its exception is raised (not an ExceptionGroup). Results in the given order."""
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(a) for a in awaitables]  # type: ignore[arg-type]
+    except BaseExceptionGroup as failures:
+        first: BaseException = failures
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [task.result() for task in tasks]
+
+
+async def _into(results: dict[int, Any], key: int, answer: Awaitable[Any]) -> None:
+    results[key] = await answer
 
 
 async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -> Ranking:
-    """Run the pipeline's strategy for one query, each window answered by ``ask``."""
+    """Run the pipeline's strategy for one query, each window answered by ``ask``.
+
+    A batch's windows run in a task group: when one fails for good the others are cancelled, and
+    the error carries the trace of the windows answered (``trace``) and the rounds done."""
     started = time.perf_counter()
     trace: list[WindowTrace] = []
     plan = pipeline.strategy.plan(len(request.candidates))
@@ -254,9 +359,23 @@ async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -
     try:
         batch = next(plan)
         while True:
-            answers = await asyncio.gather(
-                *(ask(pipeline, request, window, rounds) for window in batch)
-            )
+            answered: dict[int, tuple[list[int], WindowTrace | list[WindowTrace]]] = {}
+            try:
+                if len(batch) == 1:  # no task needed
+                    answered[0] = await ask(pipeline, request, batch[0], rounds)
+                else:
+                    await all_or_none(
+                        _into(answered, i, ask(pipeline, request, window, rounds))
+                        for i, window in enumerate(batch)
+                    )
+            except PermrankError as exc:
+                for i in sorted(answered):
+                    window_trace = answered[i][1]
+                    trace.extend(window_trace if isinstance(window_trace, list) else [window_trace])
+                exc.trace = trace  # type: ignore[attr-defined]
+                exc.rounds = rounds + 1  # type: ignore[attr-defined]
+                raise
+            answers = [answered[i] for i in range(len(batch))]
             rounds += 1
             for _, window_trace in answers:
                 trace.extend(window_trace if isinstance(window_trace, list) else [window_trace])
@@ -273,13 +392,23 @@ async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -
     )
 
 
-def failed_ranking(request: Request, reason: str) -> Ranking:
-    """A query that could not be reranked: its input order, with the reason."""
+def failed_ranking(
+    request: Request,
+    reason: str,
+    *,
+    usage: Usage | None = None,
+    trace: list[WindowTrace] | None = None,
+) -> Ranking:
+    """A query that could not be reranked: its input order, with the reason, and what it spent
+    before it failed (``usage``; its ``failed_queries`` is 1)."""
+    usage = usage.model_copy(deep=True) if usage is not None else Usage()
+    usage.failed_queries = 1
     return Ranking(
         query=request.query,
         candidates=list(request.candidates),
+        trace=list(trace or []),
         error=reason,
-        usage=Usage(failed_calls=1),
+        usage=usage,
         layout=request.layout,
     )
 
@@ -293,16 +422,22 @@ async def rerank_stream(
     *,
     max_queries_in_flight: int = 32,
     on_error: OnError = "fail",
+    spent: Usage | None = None,
 ) -> AsyncIterator[Ranking]:
     """Rerank many queries concurrently; yield their Rankings in input order.
 
     At most ``max_queries_in_flight`` queries are read ahead and worked on at once, so memory is
     bounded whatever the input's length. With ``on_error="fail"`` the first query that fails
-    stops the run (everything yielded before it stands); with ``"skip"`` it is yielded with its
-    input order and ``error`` set, and the run goes on.
+    stops the run (everything yielded before it stands) with its ``PermrankError``, whatever its
+    kind (backend, template overflow, missing logprobs, ...); with ``"skip"`` it is yielded with
+    its input order, ``error`` set and the usage it really spent, and the run goes on.
+
+    ``spent``, when given, is charged with every answer's cost as it arrives (calls, cached
+    calls, tokens, latency), finished queries or not: what an interrupted run really spent.
     """
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"on_error must be 'fail' or 'skip' (got {on_error!r})")
+    run_spend = Spend(usage=spent) if spent is not None else None
     pending: deque[tuple[Request, asyncio.Task[Ranking]]] = deque()
     source = iter(requests)
     exhausted = False
@@ -313,19 +448,27 @@ async def rerank_stream(
                 if request is None:
                     exhausted = True
                     break
-                pending.append((request, asyncio.ensure_future(rerank_request(pipeline, request))))
+                task = asyncio.ensure_future(rerank_request(pipeline, request, run_spend=run_spend))
+                pending.append((request, task))
             if not pending:
                 return
             request, task = pending.popleft()
             try:
-                yield await task
-            except BackendError as exc:
+                ranking = await task
+            except PermrankError as exc:
+                qid = request.query.qid
                 if on_error == "fail":
-                    failure = BackendError(f"query {request.query.qid} failed: {exc}")
-                    failure.qid = request.query.qid  # type: ignore[attr-defined]
-                    raise failure from None
-                log.error("query %s failed: %s", request.query.qid, exc)
-                yield failed_ranking(request, str(exc))
+                    if not str(exc).startswith(f"query {qid} failed"):
+                        exc.args = (f"query {qid} failed: {exc}",)
+                    raise
+                log.error("query %s failed: %s", qid, exc)
+                ranking = failed_ranking(
+                    request,
+                    str(exc),
+                    usage=getattr(exc, "usage", None),
+                    trace=getattr(exc, "trace", None),
+                )
+            yield ranking
     finally:
         for _, task in pending:
             task.cancel()
@@ -552,13 +695,18 @@ class Reranker:
         return self._sync(self.arank(query, documents, qid=qid))
 
     # -- many queries ------------------------------------------------------------------------
-    async def astream(self, requests: Iterable[Request]) -> AsyncGenerator[Ranking, None]:
+    async def astream(
+        self, requests: Iterable[Request], *, spent: Usage | None = None
+    ) -> AsyncGenerator[Ranking, None]:
+        """Rankings in input order; ``spent`` is charged with every answer as it arrives
+        (see ``rerank_stream``). The endpoint is probed first (``aprobe``)."""
         await self.aprobe()
         stream = rerank_stream(
             self.pipeline,
             requests,
             max_queries_in_flight=max(4, 2 * self.concurrency),
             on_error=self.on_error,
+            spent=spent,
         )
         try:
             async for ranking in stream:

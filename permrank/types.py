@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 REPAIR_KINDS = ("ok", "wrong_format", "repetition", "missing", "out_of_range", "refusal")
 """Every kind of repair a parsed window answer can need. ``ok`` means none was needed."""
@@ -78,9 +78,14 @@ class RepairReport(BaseModel):
 class Usage(BaseModel):
     """What a run cost, counted from the server's answers (never estimated)."""
 
+    model_config = ConfigDict(populate_by_name=True)
+
     calls: int = 0
     cached_calls: int = 0
-    failed_calls: int = 0
+    failed_queries: int = Field(
+        default=0, validation_alias=AliasChoices("failed_queries", "failed_calls")
+    )
+    """Queries that failed for good (older manifests call it ``failed_calls``)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
@@ -98,7 +103,7 @@ class Usage(BaseModel):
     def add(self, other: Usage) -> None:
         self.calls += other.calls
         self.cached_calls += other.cached_calls
-        self.failed_calls += other.failed_calls
+        self.failed_queries += other.failed_queries
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.latency_s += other.latency_s
@@ -107,6 +112,11 @@ class Usage(BaseModel):
         self.rounds += other.rounds
         for kind, count in other.repairs.items():
             self.repairs[kind] = self.repairs.get(kind, 0) + count
+
+    @property
+    def failed_calls(self) -> int:
+        """The old name of ``failed_queries`` (it always counted queries, not calls)."""
+        return self.failed_queries
 
     @property
     def total_tokens(self) -> int:
@@ -184,7 +194,8 @@ class Exchange:
     waited before it (a concurrency slot, the rate limit, between retries), retries made, and
     whether it came from a response cache (then it cost nothing)."""
 
-    answer: dict[str, Any]
+    answer: Any
+    """The decoded JSON answer: an object (a list for TEI's ``/rerank``)."""
     latency_s: float
     queued_s: float = 0.0
     retries: int = 0

@@ -254,7 +254,7 @@ class OpenAIBackend:
         backoff = self.retry_base_s * 2 ** (attempt - 1)
         return float(min(self.retry_max_s, backoff) * (0.5 + random.random() / 2))
 
-    async def request(self, route: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    async def request(self, route: str, body: dict[str, Any]) -> tuple[Any, float]:
         """POST ``body`` to ``route`` with limits and retries; the JSON answer and its latency."""
         done = await self.exchange(route, body)
         return done.answer, done.latency_s
@@ -308,7 +308,7 @@ class OpenAIBackend:
                 failure.retries = max(0, attempts - 1)  # type: ignore[attr-defined]
                 raise failure from None
             raise
-        if not isinstance(answer, dict):
+        if not isinstance(answer, dict | list):  # a list: TEI's /rerank
             raise BackendError(f"{url}: answer is not a JSON object: {answer!r:.200}")
         return Exchange(
             answer=answer,

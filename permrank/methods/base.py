@@ -9,7 +9,6 @@ so a Backend wrapper (a cache, a recorder) sees and can answer it like any chat 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -82,7 +81,7 @@ async def exchange(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Exch
             )
         answer, latency = await request(route, body)
         done = Exchange(answer=answer, latency_s=latency)
-    if not done.cached and done.answer.get("cached"):
+    if not done.cached and isinstance(done.answer, dict) and done.answer.get("cached"):
         done.cached = True
     return done
 
@@ -107,13 +106,20 @@ async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
     answer = done.answer
     choice = (answer.get("choices") or [{}])[0] or {}
     usage = answer.get("usage") or {}
+    from ..rerank import count_call  # the query's spend, kept even if it fails later
+
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    count_call(
+        prompt_tokens, completion_tokens, done.latency_s, done.cached, done.queued_s, done.retries
+    )
     return Call(
         answer=answer,
         choice=choice,
         route=route,
         latency_s=done.latency_s,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
         cached=done.cached,
         queued_s=done.queued_s,
         retries=done.retries,
@@ -236,8 +242,10 @@ async def rerank_by_scores(scorer: PassageScorer, pipeline: Pipeline, request: R
     started = time.perf_counter()
     n = len(request.candidates)
     m = n if scorer.top_k is None else min(scorer.top_k, n)
-    results = await asyncio.gather(
-        *(scorer.score(pipeline, request.query, c) for c in request.candidates[:m])
+    from ..rerank import all_or_none  # one fails: the others are cancelled, not billed
+
+    results = await all_or_none(
+        scorer.score(pipeline, request.query, c) for c in request.candidates[:m]
     )
     scores = [s for s, _ in results]
     order = sorted(range(m), key=lambda i: (-scores[i], i)) + list(range(m, n))
