@@ -15,6 +15,8 @@ on a busy machine wall time follows CPU time more than rounds.
 
     PYTHONPATH=. python bench/bench_rank_llm.py          # DL19, rank_llm at 16 and 64
     PYTHONPATH=. python bench/bench_rank_llm.py --limit 10 --batch-sizes 16
+    PYTHONPATH=. python bench/bench_rank_llm.py --permrank-only   # no rank_llm venv: permrank's
+                                                                  # client CPU and wall time only
 
 Not a test: pytest does not collect bench/. The first run builds the venv (about a minute).
 """
@@ -200,13 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N queries only")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument(
+        "--permrank-only",
+        action="store_true",
+        help="skip rank_llm (no venv built): permrank's rows only, ratios to its first row",
+    )
     args = parser.parse_args(argv)
 
-    python = ensure_venv(args.venv)
     scratch = Path(tempfile.mkdtemp(prefix="permrank-bench-"))
-    cache_dir = tiktoken_cache(scratch / "tiktoken")
     folder = Path(args.data) if Path(args.data).is_dir() else DATA / args.data
-    folder = fixed_copy(python, folder, cache_dir, scratch / folder.name)
+    python = cache_dir = None
+    if not args.permrank_only:
+        python = ensure_venv(args.venv)
+        cache_dir = tiktoken_cache(scratch / "tiktoken")
+        folder = fixed_copy(python, folder, cache_dir, scratch / folder.name)
     requests, qrels = load(folder)
     requests = requests[: args.limit]
     qrels = {r.query.qid: qrels[r.query.qid] for r in requests if r.query.qid in qrels}
@@ -221,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             "limit": args.limit,
         }
         started = time.perf_counter()
-        for batch_size, seconds, cpu, run in run_rank_llm(python, job, cache_dir):
-            name = f"rank_llm sliding, batch {batch_size}"
-            rows.append((name, ndcg_of_run(run, qrels), seconds, cpu))
-            print(f"  {rows[-1][0]}: {rows[-1][1]:.4f} in {seconds:.1f} s", file=sys.stderr)
-        print(f"  (rank_llm process: {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+        if python is not None and cache_dir is not None:
+            for batch_size, seconds, cpu, run in run_rank_llm(python, job, cache_dir):
+                name = f"rank_llm sliding, batch {batch_size}"
+                rows.append((name, ndcg_of_run(run, qrels), seconds, cpu))
+                print(f"  {rows[-1][0]}: {rows[-1][1]:.4f} in {seconds:.1f} s", file=sys.stderr)
+            print(f"  (rank_llm process: {time.perf_counter() - started:.1f} s)", file=sys.stderr)
         for method in args.strategies:
             cpu = time.process_time()
             rankings, seconds = run_permrank(
@@ -240,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  simulator: {stats['requests']} requests, {stats['unmatched']} unmatched",
             file=sys.stderr,
         )
-    best = min((r for r in rows if r[0].startswith("rank_llm")), key=lambda r: r[2])
+    baselines = [r for r in rows if r[0].startswith("rank_llm")] or rows[:1]
+    best = min(baselines, key=lambda r: r[2])
     lines = [
         f"{folder.name}, {len(requests)} queries, simulator {args.latency * 1000:.0f} ms per "
         f"request, noise {args.noise}; baseline: {best[0]}",

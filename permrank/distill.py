@@ -562,7 +562,7 @@ def read_records(out: str | Path, fmt: str) -> list[dict[str, Any]]:
         (p for p in out.glob(f"{fmt}-*.jsonl") if _shard_index(p.name, fmt) is not None),
         key=lambda p: _shard_index(p.name, fmt) or 0,
     )
-    records = []
+    records: list[Any] = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             records.extend(json.loads(line) for line in f if line.strip())

@@ -14,12 +14,12 @@ class ConfigError(PermrankError, ValueError):
 class InputError(PermrankError, ValueError):
     """Bad input data; the message names the file, the line and the field."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None):
+    def __init__(self, message: str, *, path: object = None, line: int | None = None):
         where = ""
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         super().__init__(where + message)
-        self.path = path
+        self.path = str(path) if path is not None else None
         self.line = line
 
 

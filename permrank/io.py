@@ -16,7 +16,7 @@ import os
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from .errors import InputError
 from .types import Candidate, Query, Ranking, Request
@@ -28,7 +28,7 @@ def open_text(path: str | Path, mode: str = "r") -> IO[str]:
     """Open a text file, gzip-compressed when its name ends in .gz; UTF-8, strict."""
     path = str(path)
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")  # type: ignore[type-var]
     return open(path, mode, encoding="utf-8")
 
 
@@ -52,6 +52,7 @@ def parse_request(record: Any, *, path: str = "<input>", line: int | None = None
         )
     extras = {k: v for k, v in record.items() if k not in ("qid", "query", "candidates")}
     raw_query = record.get("query")
+    layout: Literal["permrank", "rank_llm"]
     if isinstance(raw_query, dict):  # rank_llm's Request layout
         layout = "rank_llm"
         qid, text = raw_query.get("qid"), raw_query.get("text")
@@ -168,12 +169,36 @@ def _numbered_requests(path: str | Path) -> Iterator[tuple[int, Request]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if looks_like_trec_run(line):
+                raise InputError(
+                    "this looks like a TREC run line (qid Q0 docid rank score tag), but --input "
+                    "must be JSONL with the texts: one query a line, "
+                    '{"qid": ..., "query": "text", "candidates": [{"docid": ..., "text": ...}]}. '
+                    "Convert the run by joining it with the queries' and passages' texts (e.g. "
+                    "from ir_datasets or your corpus), keeping each query's candidates in run "
+                    "order; rank_llm's Request layout is read too",
+                    path=str(path),
+                    line=lineno,
+                ) from None
             raise InputError(
                 f"malformed JSON ({exc.msg} at column {exc.colno}): fix or remove this line",
                 path=str(path),
                 line=lineno,
             ) from None
         yield lineno, parse_request(record, path=str(path), line=lineno)
+
+
+def looks_like_trec_run(line: str) -> bool:
+    """``qid Q0 docid rank score tag``: a TREC run line, not JSON."""
+    fields = line.split()
+    if len(fields) != 6 or fields[1].upper() not in ("Q0", "0"):
+        return False
+    try:
+        int(fields[3])
+        float(fields[4])
+    except ValueError:
+        return False
+    return True
 
 
 def read_requests(path: str | Path) -> Iterator[Request]:
@@ -228,7 +253,8 @@ def ranking_record(ranking: Ranking) -> dict[str, Any]:
         data["score"] = score
         if ranking.layout == "rank_llm":  # the text lives in "doc", as it was read
             data.pop("text", None)
-            doc = data.get("doc") if isinstance(data.get("doc"), dict) else {}
+            doc = data.get("doc") if isinstance(data.get("doc"), dict) else None
+            doc = doc or {}
             if data.get("title") is None or data.get("title") == doc.get("title"):
                 data.pop("title", None)
         candidates.append(data)

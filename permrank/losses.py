@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -71,7 +71,7 @@ def rank_labels(length: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
 
 def _batch(
     scores: Tensor, labels: Tensor | None, mask: Tensor | None
-) -> tuple[Tensor, Tensor | None, Tensor]:
+) -> tuple[Tensor, Any, Tensor]:  # labels: None exactly when None was given
     if scores.dim() == 1:
         scores = scores.unsqueeze(0)
         labels = labels.unsqueeze(0) if labels is not None else None

@@ -48,8 +48,9 @@ def build_manifest(
         "parameters": parameters,
         "totals": {
             "queries": queries,
-            "failed_queries": len(failed),
             **totals.model_dump(),
+            # the queries that failed (this run's, and any counted by earlier sessions)
+            "failed_queries": max(len(failed), totals.failed_queries),
             "total_tokens": totals.total_tokens,
         },
         "failed": failed,

@@ -14,7 +14,6 @@ template is loaded, with the file and the placeholder named.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import string
@@ -26,7 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from .errors import TemplateError
-from .tokens import Tokenizer, default_tokenizer
+from .tokens import Tokenizer, default_tokenizer, memo_by_bytes
 
 TEMPLATE_FIELDS = {"query", "num", "passages"}
 PASSAGE_FIELDS = {"query", "num", "id", "passage", "text", "title"}
@@ -46,7 +45,7 @@ _CONTROL = re.compile(
 _LOOKALIKE = str.maketrans({"<": "‹", ">": "›", "[": "⟦", "]": "⟧"})
 
 
-@functools.lru_cache(maxsize=65536)
+@memo_by_bytes
 def as_data(text: str) -> str:
     """A passage or query as shown to the model: data that cannot pass for prompt structure.
 

@@ -8,18 +8,19 @@ come out in input order, streamed, with a bounded number of queries in memory.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .backends.base import Backend
-from .errors import BackendError, ConfigError
+from .errors import ConfigError, EndpointUnavailable, PermrankError
 from .methods.base import Method
 from .parse import parse_permutation
 from .prompts import (
@@ -31,7 +32,14 @@ from .prompts import (
     render_window,
 )
 from .strategies import Strategy, get_strategy
-from .tokens import Tokenizer, default_tokenizer
+from .tokens import (
+    DEFAULT_MEMO_BYTES,
+    ByteBoundedMemo,
+    MemoDict,
+    Tokenizer,
+    default_tokenizer,
+    size_of,
+)
 from .types import Candidate, Completion, Query, Ranking, Request, Usage, WindowTrace
 
 log = logging.getLogger(__name__)
@@ -54,19 +62,110 @@ class MemoTokenizer:
 
     Windows repeat most of their text: a passage is shown in several windows, and a template's
     instructions and turn messages are the same in every window. Rendering counts and cuts all of
-    it, so remembering (bounded, least recently used) removes most of the engine's time.
+    it, so remembering removes most of the engine's time. What it remembers is bounded by bytes
+    (``max_bytes``), oldest forgotten first, whatever the texts' lengths.
     """
 
-    def __init__(self, inner: Tokenizer, max_entries: int = 16384):
+    def __init__(self, inner: Tokenizer, max_bytes: int = DEFAULT_MEMO_BYTES):
         self.inner = inner
         self.name = inner.name
         self.at_most_one_token_per_byte = getattr(inner, "at_most_one_token_per_byte", False)
-        self.count = functools.lru_cache(maxsize=max_entries)(inner.count)  # type: ignore[method-assign]
-        self.truncate = functools.lru_cache(maxsize=max_entries)(inner.truncate)  # type: ignore[method-assign]
+        self.remote = getattr(inner, "remote", False)
+        self.counts = MemoDict(inner.count, max_bytes // 2)
+        self.cuts = ByteBoundedMemo(max_bytes // 2)
+        cut_of, put_cut, get_cut = inner.truncate, self.cuts.put, self.cuts.get
+
+        def truncate(text: str, max_tokens: int) -> str:
+            key = (text, max_tokens)
+            found = get_cut(key)
+            if found is None:
+                found = cut_of(text, max_tokens)
+                put_cut(key, found, size_of(text) + (0 if found is text else size_of(found)))
+            return found
+
+        self.count = self.counts.__getitem__
+        self.truncate = truncate
+
+    async def awarm(self, texts: Iterable[str]) -> None:
+        """Have a remote tokenizer ask for every text of a window at once (see tokens.py)."""
+        warm = getattr(self.inner, "awarm", None)
+        if warm is not None:
+            await warm(texts)
+
+
+def window_texts(query: str, passages: list[tuple[str, str | None]]) -> list[str]:
+    """Every text ``render_window`` counts first: the query (as given and as shown), each
+    passage and title as shown."""
+    from .prompts import as_data
+
+    texts = [query, as_data(query)]
+    for text, title in passages:
+        texts.append(as_data(text))
+        if title:
+            texts.append(as_data(title))
+    return texts
 
 
 def memo_tokenizer() -> Tokenizer:
     return MemoTokenizer(default_tokenizer())
+
+
+@dataclass
+class Spend:
+    """What a query (and the run it belongs to) has cost so far, counted as each answer arrives.
+
+    A query that fails, or is cancelled by an interrupted run, keeps what it really spent: the
+    answers it was given before, not only those of the windows that made it into a Ranking.
+    """
+
+    usage: Usage = field(default_factory=Usage)
+    parent: Spend | None = None
+
+    def count(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_s: float,
+        cached: bool,
+        queued_s: float = 0.0,
+        retries: int = 0,
+    ) -> None:
+        spend: Spend | None = self
+        while spend is not None:
+            usage = spend.usage
+            if cached:
+                usage.cached_calls += 1
+            else:
+                usage.calls += 1
+            usage.prompt_tokens += prompt_tokens
+            usage.completion_tokens += completion_tokens
+            usage.latency_s += latency_s
+            usage.queued_seconds += queued_s
+            usage.retries += retries
+            spend = spend.parent
+
+
+_SPEND: contextvars.ContextVar[Spend | None] = contextvars.ContextVar("spend", default=None)
+
+
+def count_call(
+    prompt_tokens: int,
+    completion_tokens: int,
+    latency_s: float,
+    cached: bool = False,
+    queued_s: float = 0.0,
+    retries: int = 0,
+) -> None:
+    """Count one answered call against the query being reranked (a no-op outside one).
+
+    Every answer a query is given passes here (``ask_window``; ``methods.base.call``)."""
+    spend = _SPEND.get()
+    if spend is not None:
+        spend.count(prompt_tokens, completion_tokens, latency_s, cached, queued_s, retries)
+
+
+def _count(c: Completion) -> None:
+    count_call(c.prompt_tokens, c.completion_tokens, c.latency_s, c.cached, c.queued_s, c.retries)
 
 
 @dataclass
@@ -92,15 +191,25 @@ async def ask_window(
 ) -> tuple[list[int], WindowTrace]:
     """Render, send and parse one window; the window reordered and its trace."""
     passages = [(request.candidates[i].text, request.candidates[i].title) for i in window]
-    max_tokens = pipeline.sampling.max_tokens or answer_tokens(len(window), pipeline.tokenizer)
-    messages = render_window(
-        pipeline.template,
-        request.query.text,
-        passages,
-        budget=pipeline.budget,
-        tokenizer=pipeline.tokenizer,
-        max_tokens=max_tokens,
-    )
+
+    def render() -> tuple[int, list[dict[str, str]]]:
+        max_tokens = pipeline.sampling.max_tokens or answer_tokens(len(window), pipeline.tokenizer)
+        messages = render_window(
+            pipeline.template,
+            request.query.text,
+            passages,
+            budget=pipeline.budget,
+            tokenizer=pipeline.tokenizer,
+            max_tokens=max_tokens,
+        )
+        return max_tokens, messages
+
+    if getattr(pipeline.tokenizer, "remote", False):  # a server counts: never on the loop
+        warm = pipeline.tokenizer.awarm  # type: ignore[attr-defined]
+        await warm(window_texts(request.query.text, passages))
+        max_tokens, messages = await asyncio.to_thread(render)
+    else:
+        max_tokens, messages = render()
     extra = dict(pipeline.sampling.extra)
     if pipeline.window_extra is not None:
         extra.update(pipeline.window_extra(len(window)))
@@ -115,12 +224,18 @@ async def ask_window(
         )
 
     completion = await send(max_tokens)
+    _count(completion)
     attempts = 1
+    cached_attempts = int(completion.cached)
     # An answer cut by max_tokens is asked once more with up to twice the budget (as much as
     # the context leaves), then repaired whatever comes back.
     more_tokens = 0
     if completion.finish_reason == "length":
-        room = pipeline.budget.context_window - count_message_tokens(messages, pipeline.tokenizer)
+        if getattr(pipeline.tokenizer, "remote", False):
+            used = await asyncio.to_thread(count_message_tokens, messages, pipeline.tokenizer)
+        else:
+            used = count_message_tokens(messages, pipeline.tokenizer)
+        room = pipeline.budget.context_window - used
         more_tokens = min(2 * max_tokens, room)
     if more_tokens > max_tokens:
         log.warning(
@@ -131,9 +246,14 @@ async def ask_window(
         )
         first = completion
         completion = await send(more_tokens)
+        _count(completion)
         completion.prompt_tokens += first.prompt_tokens
         completion.completion_tokens += first.completion_tokens
         completion.latency_s += first.latency_s
+        completion.queued_s += first.queued_s
+        completion.retries += first.retries
+        cached_attempts = int(first.cached) + int(completion.cached)
+        completion.cached = first.cached and completion.cached
         attempts = 2
     text = pipeline.answer_text(completion.text) if pipeline.answer_text else completion.text
     permutation, report = parse_permutation(text, len(window))
@@ -146,7 +266,10 @@ async def ask_window(
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
         latency_s=completion.latency_s,
+        queued_seconds=completion.queued_s,
+        retries=completion.retries,
         cached=completion.cached,
+        cached_attempts=cached_attempts,
         attempts=attempts,
     )
     return [window[p] for p in permutation], trace
@@ -155,11 +278,16 @@ async def ask_window(
 def usage_of(trace: Sequence[WindowTrace], rounds: int) -> Usage:
     usage = Usage(rounds=rounds)
     for t in trace:
-        usage.calls += 0 if t.cached else t.attempts
-        usage.cached_calls += t.attempts if t.cached else 0
+        cached = t.cached_attempts
+        if cached is None:
+            cached = t.attempts if t.cached else 0
+        usage.calls += t.attempts - cached
+        usage.cached_calls += cached
         usage.prompt_tokens += t.prompt_tokens
         usage.completion_tokens += t.completion_tokens
         usage.latency_s += t.latency_s
+        usage.queued_seconds += t.queued_seconds
+        usage.retries += t.retries
         for kind in t.repair.kinds():
             usage.repairs[kind] = usage.repairs.get(kind, 0) + 1
     return usage
@@ -171,15 +299,59 @@ AskWindow = Callable[
 ]
 
 
-async def rerank_request(pipeline: Pipeline, request: Request) -> Ranking:
-    """Rerank one query. Raises ``BackendError`` if a window cannot be answered."""
-    if pipeline.method is not None:
-        return await pipeline.method.rerank(pipeline, request)
-    return await drive_strategy(pipeline, request, ask_window)
+async def rerank_request(
+    pipeline: Pipeline, request: Request, *, run_spend: Spend | None = None
+) -> Ranking:
+    """Rerank one query.
+
+    Raises the ``PermrankError`` that stopped it (a backend failure, a template that does not
+    fit, missing logprobs, ...) with ``qid``, ``usage`` (what the query really spent, its
+    ``failed_queries`` 1) and ``trace`` (the windows answered before) set on it. ``run_spend``,
+    when given, is charged with every answer too, as it arrives.
+    """
+    spend = Spend(parent=run_spend)
+    token = _SPEND.set(spend)
+    try:
+        if pipeline.method is not None:
+            return await pipeline.method.rerank(pipeline, request)
+        return await drive_strategy(pipeline, request, ask_window)
+    except PermrankError as exc:
+        usage = spend.usage.model_copy(deep=True)
+        usage.rounds = getattr(exc, "rounds", 0)
+        usage.failed_queries = 1
+        exc.qid = request.query.qid  # type: ignore[attr-defined]
+        exc.usage = usage  # type: ignore[attr-defined]
+        if not hasattr(exc, "trace"):
+            exc.trace = []  # type: ignore[attr-defined]
+        raise
+    finally:
+        _SPEND.reset(token)
+
+
+async def all_or_none(awaitables: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Await together; when one fails, the others are cancelled (nothing more is sent for them)
+    and its exception is raised (not an ExceptionGroup). Results in the given order."""
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(a) for a in awaitables]  # type: ignore[arg-type]
+    except BaseExceptionGroup as failures:
+        first: BaseException = failures
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [task.result() for task in tasks]
+
+
+async def _into(results: dict[int, Any], key: int, answer: Awaitable[Any]) -> None:
+    results[key] = await answer
 
 
 async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -> Ranking:
-    """Run the pipeline's strategy for one query, each window answered by ``ask``."""
+    """Run the pipeline's strategy for one query, each window answered by ``ask``.
+
+    A batch's windows run in a task group: when one fails for good the others are cancelled, and
+    the error carries the trace of the windows answered (``trace``) and the rounds done."""
     started = time.perf_counter()
     trace: list[WindowTrace] = []
     plan = pipeline.strategy.plan(len(request.candidates))
@@ -187,9 +359,23 @@ async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -
     try:
         batch = next(plan)
         while True:
-            answers = await asyncio.gather(
-                *(ask(pipeline, request, window, rounds) for window in batch)
-            )
+            answered: dict[int, tuple[list[int], WindowTrace | list[WindowTrace]]] = {}
+            try:
+                if len(batch) == 1:  # no task needed
+                    answered[0] = await ask(pipeline, request, batch[0], rounds)
+                else:
+                    await all_or_none(
+                        _into(answered, i, ask(pipeline, request, window, rounds))
+                        for i, window in enumerate(batch)
+                    )
+            except PermrankError as exc:
+                for i in sorted(answered):
+                    window_trace = answered[i][1]
+                    trace.extend(window_trace if isinstance(window_trace, list) else [window_trace])
+                exc.trace = trace  # type: ignore[attr-defined]
+                exc.rounds = rounds + 1  # type: ignore[attr-defined]
+                raise
+            answers = [answered[i] for i in range(len(batch))]
             rounds += 1
             for _, window_trace in answers:
                 trace.extend(window_trace if isinstance(window_trace, list) else [window_trace])
@@ -206,13 +392,23 @@ async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -
     )
 
 
-def failed_ranking(request: Request, reason: str) -> Ranking:
-    """A query that could not be reranked: its input order, with the reason."""
+def failed_ranking(
+    request: Request,
+    reason: str,
+    *,
+    usage: Usage | None = None,
+    trace: list[WindowTrace] | None = None,
+) -> Ranking:
+    """A query that could not be reranked: its input order, with the reason, and what it spent
+    before it failed (``usage``; its ``failed_queries`` is 1)."""
+    usage = usage.model_copy(deep=True) if usage is not None else Usage()
+    usage.failed_queries = 1
     return Ranking(
         query=request.query,
         candidates=list(request.candidates),
+        trace=list(trace or []),
         error=reason,
-        usage=Usage(failed_calls=1),
+        usage=usage,
         layout=request.layout,
     )
 
@@ -226,16 +422,22 @@ async def rerank_stream(
     *,
     max_queries_in_flight: int = 32,
     on_error: OnError = "fail",
+    spent: Usage | None = None,
 ) -> AsyncIterator[Ranking]:
     """Rerank many queries concurrently; yield their Rankings in input order.
 
     At most ``max_queries_in_flight`` queries are read ahead and worked on at once, so memory is
     bounded whatever the input's length. With ``on_error="fail"`` the first query that fails
-    stops the run (everything yielded before it stands); with ``"skip"`` it is yielded with its
-    input order and ``error`` set, and the run goes on.
+    stops the run (everything yielded before it stands) with its ``PermrankError``, whatever its
+    kind (backend, template overflow, missing logprobs, ...); with ``"skip"`` it is yielded with
+    its input order, ``error`` set and the usage it really spent, and the run goes on.
+
+    ``spent``, when given, is charged with every answer's cost as it arrives (calls, cached
+    calls, tokens, latency), finished queries or not: what an interrupted run really spent.
     """
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"on_error must be 'fail' or 'skip' (got {on_error!r})")
+    run_spend = Spend(usage=spent) if spent is not None else None
     pending: deque[tuple[Request, asyncio.Task[Ranking]]] = deque()
     source = iter(requests)
     exhausted = False
@@ -246,19 +448,27 @@ async def rerank_stream(
                 if request is None:
                     exhausted = True
                     break
-                pending.append((request, asyncio.ensure_future(rerank_request(pipeline, request))))
+                task = asyncio.ensure_future(rerank_request(pipeline, request, run_spend=run_spend))
+                pending.append((request, task))
             if not pending:
                 return
             request, task = pending.popleft()
             try:
-                yield await task
-            except BackendError as exc:
+                ranking = await task
+            except PermrankError as exc:
+                qid = request.query.qid
                 if on_error == "fail":
-                    failure = BackendError(f"query {request.query.qid} failed: {exc}")
-                    failure.qid = request.query.qid  # type: ignore[attr-defined]
-                    raise failure from None
-                log.error("query %s failed: %s", request.query.qid, exc)
-                yield failed_ranking(request, str(exc))
+                    if not str(exc).startswith(f"query {qid} failed"):
+                        exc.args = (f"query {qid} failed: {exc}",)
+                    raise
+                log.error("query %s failed: %s", qid, exc)
+                ranking = failed_ranking(
+                    request,
+                    str(exc),
+                    usage=getattr(exc, "usage", None),
+                    trace=getattr(exc, "trace", None),
+                )
+            yield ranking
     finally:
         for _, task in pending:
             task.cancel()
@@ -317,9 +527,12 @@ class Reranker:
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
     ``cache`` (a SQLite file of answers, see ``permrank.backends.cache``; none by default),
-    ``transport`` ("auto": permrank's lean HTTP client for ``http://`` endpoints without a proxy,
-    the openai SDK otherwise; "openai" or "plain" to choose). A ready ``backend`` can be given
-    instead of ``model`` + ``base_url``, or
+    ``transport`` ("auto": aiohttp for ``http://`` endpoints without a proxy, the openai SDK
+    otherwise; "openai" or "aiohttp" (alias "plain") to choose), ``max_response_bytes`` (the
+    largest answer read, 32 MiB). An endpoint given by ``base_url`` is probed before the first
+    request, as the CLI does (unless ``server_info`` says what a probe found): an unreachable
+    one is one ``EndpointUnavailable`` at once. A ready
+    ``backend`` can be given instead of ``model`` + ``base_url``, or
     ``backend="vllm"``: vLLM in this process, ``model`` being a Hugging Face model folder (the
     ``vllm`` extra; every window of a round, across queries, in one generate call).
     ``constrain`` ("grammar" for llama.cpp, "regex" for vLLM, "json" for OpenAI-style endpoints)
@@ -356,12 +569,18 @@ class Reranker:
         timeout_s: float = 120.0,
         max_retries: int = 5,
         transport: str = "auto",
+        max_response_bytes: int = 32 * 1024 * 1024,
         on_error: OnError = "fail",
         tokenizer: Tokenizer | None = None,
         extra_body: dict[str, Any] | None = None,
         cache: str | Path | None = None,
         constrain: str | None = None,
+        server_info: Any = None,
     ):
+        self._to_probe: tuple[str | list[str], str, str, float] | None = None
+        self.server_info = server_info
+        """What the probe learnt (``permrank.backends.probe.ServerInfo``): given (the CLI
+        probed already) or learnt before the first request."""
         if isinstance(strategy, str):
             strategy = get_strategy(
                 strategy,
@@ -398,14 +617,18 @@ class Reranker:
                     max_retries=max_retries,
                     transport=transport,
                 )
-            else:
-                base_url = next(iter(base_url), "")
-                base_url = base_url if isinstance(base_url, str) else base_url[0]
+                urls = [u if isinstance(u, str) else u[0] for u in base_url]
+                self._to_probe = (urls, model or "", api_key_env, timeout_s)
+        if isinstance(base_url, str) or base_url is None:
+            url = base_url or ""
+        else:
+            first = next(iter(base_url), "")
+            url = first if isinstance(first, str) else first[0]
         if backend is None or backend == "openai":
             from .backends.openai import OpenAIBackend
 
             backend = OpenAIBackend(
-                base_url or "",
+                url,
                 model or "",
                 api_key_env=api_key_env,
                 concurrency=concurrency,
@@ -413,25 +636,31 @@ class Reranker:
                 timeout_s=timeout_s,
                 max_retries=max_retries,
                 transport=transport,
+                max_response_bytes=max_response_bytes,
             )
+            self._to_probe = (url, model or "", api_key_env, timeout_s)
         if cache is not None:
             from .backends.cache import CachingBackend
 
-            backend = CachingBackend(backend, cache)
-        self.backend = backend
+            backend = CachingBackend(backend, cache)  # type: ignore[arg-type]
+        assert not isinstance(backend, str)
+        self.backend: Backend = backend
         # Requests in flight in all: per endpoint times the endpoints of a pool.
         self.concurrency = getattr(backend, "pool_concurrency", None) or concurrency
         self.on_error: OnError = on_error
         if isinstance(method, str):
             from .methods import get_method
 
-            method = get_method(method, **{"top_k": top_k, **(method_options or {})})
-        self.method = method
+            self.method: Method | None = get_method(
+                method, **{"top_k": top_k, **(method_options or {})}
+            )
+        else:
+            self.method = method
         self.pipeline = Pipeline(
-            method=method,
+            method=self.method,
             strategy=self.strategy,
             template=self.template,
-            backend=backend,
+            backend=self.backend,
             sampling=Sampling(
                 temperature=temperature, seed=seed, max_tokens=max_tokens, extra=extra_body or {}
             ),
@@ -450,11 +679,59 @@ class Reranker:
                 self.pipeline.answer_text = json_answer_as_ranking
         self._loop: _LoopThread | None = None
 
+    async def aprobe(self) -> None:
+        """Probe the endpoint once (as the CLI does, and not again when the CLI did): an
+        unreachable endpoint or an unknown model is an ``EndpointUnavailable`` before any
+        request; a loopback llama.cpp server's model file keys the response cache."""
+        if self._to_probe is None:
+            return
+        import os
+
+        from .backends.probe import aprobe
+
+        base_url, model, api_key_env, timeout_s = self._to_probe
+        api_key = os.environ.get(api_key_env)
+        info = self.server_info
+        if info is None:
+            answers = await asyncio.gather(
+                *(
+                    aprobe(
+                        url,
+                        model,
+                        api_key=api_key,
+                        timeout_s=min(timeout_s, 30.0),
+                        hint="start the server, or check the base_url given to Reranker",
+                        strict_model=False,  # an alias the server accepts is not refused here
+                    )
+                    for url in ([base_url] if isinstance(base_url, str) else base_url)
+                ),
+                return_exceptions=True,
+            )
+            infos = [a for a in answers if not isinstance(a, BaseException)]
+            failures = [a for a in answers if isinstance(a, BaseException)]
+            if not infos:  # no endpoint answers: the first one's reason
+                raise failures[0]
+            for failure in failures:  # a pool goes on without a dead replica (retried later)
+                log.warning("%s", failure)
+            if len({i.model for i in infos}) > 1:
+                raise EndpointUnavailable(
+                    "the endpoints serve different models: "
+                    + ", ".join(f"{i.base_url} serves {i.model!r}" for i in infos)
+                    + "; the replicas of one Reranker must serve the same model"
+                )
+            info = infos[0]
+        self._to_probe = None
+        self.server_info = info
+        if info.identity and hasattr(self.backend, "identity"):
+            self.backend.identity = info.identity
+
     # -- one query ---------------------------------------------------------------------------
     async def arank(
         self, query: str, documents: Sequence[CandidateLike], *, qid: str = "0"
     ) -> Ranking:
         request = Request(query=Query(qid=qid, text=query), candidates=to_candidates(documents))
+        if len(request.candidates) > 1:  # one candidate needs no model, nor an endpoint
+            await self.aprobe()
         return await rerank_request(self.pipeline, request)
 
     def rank(self, query: str, documents: Sequence[CandidateLike], *, qid: str = "0") -> Ranking:
@@ -462,13 +739,24 @@ class Reranker:
         return self._sync(self.arank(query, documents, qid=qid))
 
     # -- many queries ------------------------------------------------------------------------
-    def astream(self, requests: Iterable[Request]) -> AsyncIterator[Ranking]:
-        return rerank_stream(
+    async def astream(
+        self, requests: Iterable[Request], *, spent: Usage | None = None
+    ) -> AsyncGenerator[Ranking, None]:
+        """Rankings in input order; ``spent`` is charged with every answer as it arrives
+        (see ``rerank_stream``). The endpoint is probed first (``aprobe``)."""
+        await self.aprobe()
+        stream = rerank_stream(
             self.pipeline,
             requests,
             max_queries_in_flight=max(4, 2 * self.concurrency),
             on_error=self.on_error,
+            spent=spent,
         )
+        try:
+            async for ranking in stream:
+                yield ranking
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
 
     async def arerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
         return [ranking async for ranking in self.astream(requests)]
@@ -507,11 +795,18 @@ class Reranker:
         return self._loop.run(coro)
 
     async def aclose(self) -> None:
-        await self.backend.aclose()
+        try:
+            await self.backend.aclose()
+        finally:
+            # A server's tokenizer holds an HTTP session of its own.
+            inner = getattr(self.pipeline.tokenizer, "inner", self.pipeline.tokenizer)
+            close = getattr(inner, "aclose", None)
+            if close is not None:
+                await close()
 
     def close(self) -> None:
         if self._loop is not None:
-            self._loop.run(self.backend.aclose())
+            self._loop.run(self.aclose())
             self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
             self._loop = None
 

@@ -157,7 +157,7 @@ def _likelihood(
             {str(1000 + i): {"logprob": lp, "rank": 1, "decoded_token": t}}
             for i, (t, lp, _) in enumerate(prompt[1:], 1)
         ]
-        choice = {"text": "?", "logprobs": None, "prompt_logprobs": entries}
+        choice: dict[str, Any] = {"text": "?", "logprobs": None, "prompt_logprobs": entries}
     else:
         k = max(1, int(body.get("logprobs") or 1))
         payload = _logprobs_payload(prompt + generated, k, chat=False)

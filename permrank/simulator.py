@@ -1,7 +1,8 @@
 """A simulated LLM server: OpenAI-compatible, on loopback, answering from the qrels.
 
 ``permrank simulate --data ../shared/data/trec-dl19 --port 8000`` serves ``/v1/chat/completions``
-(and ``/v1/completions``, ``/v1/responses`` in the Responses API's shape, ``/v1/models``). It
+(and ``/v1/completions``, ``/v1/responses`` in the Responses API's shape, ``/v1/models``, and
+the rerank APIs of ``permrank.simrerank``: ``/v1/rerank``, TEI's ``/rerank``, ``/v1/score``). It
 finds the query and the passages in the prompt by their *text*, not by knowing the template:
 the query is the longest known query text found in the prompt, the passages are that query's
 candidates found in it, in order of appearance (identifier 1 first). MS MARCO repeats passages
@@ -357,6 +358,16 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             self._send(400, {"error": {"message": "body is not JSON"}})
             return
+        from .simrerank import RERANK_PATHS, SCORE_PATHS, respond_rerank
+
+        if path in RERANK_PATHS or path in SCORE_PATHS:  # a learned head's scores
+            if state.faults is not None and state.faults.intercept(self, body, path):
+                return
+            status, answer = respond_rerank(state, body, path)
+            if state.latency_s > 0:
+                time.sleep(state.latency_s)
+            self._send(status, answer)
+            return
         if path not in (
             "/v1/chat/completions",
             "/chat/completions",
@@ -493,7 +504,7 @@ class Simulator:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.server.server_address[0]}:{self.port}/v1"
+        return f"http://{self.server.server_address[0]!s}:{self.port}/v1"
 
     def start(self) -> Simulator:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

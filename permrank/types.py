@@ -6,9 +6,10 @@ kept (``extra="allow"``) and written back unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 REPAIR_KINDS = ("ok", "wrong_format", "repetition", "missing", "out_of_range", "refusal")
 """Every kind of repair a parsed window answer can need. ``ok`` means none was needed."""
@@ -77,13 +78,24 @@ class RepairReport(BaseModel):
 class Usage(BaseModel):
     """What a run cost, counted from the server's answers (never estimated)."""
 
+    model_config = ConfigDict(populate_by_name=True)
+
     calls: int = 0
     cached_calls: int = 0
-    failed_calls: int = 0
+    failed_queries: int = Field(
+        default=0, validation_alias=AliasChoices("failed_queries", "failed_calls")
+    )
+    """Queries that failed for good (older manifests call it ``failed_calls``)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
-    """Sum of the latencies of every call (a call's time on the wire, retries included)."""
+    """Sum of the latencies of every call: its time on the wire, from send to answer, every
+    attempt included (waiting for a slot or the rate limit is not in it: ``queued_seconds``)."""
+    queued_seconds: float = 0.0
+    """Sum of the time calls waited before going on the wire: for a concurrency slot, the rate
+    limit (``--rps``) and between retries."""
+    retries: int = 0
+    """Requests sent again after a failed attempt (refused, reset, 429, 5xx, timed out)."""
     rounds: int = 0
     """Sequential rounds of windows (a batch of windows sent together counts once)."""
     repairs: dict[str, int] = Field(default_factory=lambda: {k: 0 for k in REPAIR_KINDS})
@@ -91,13 +103,20 @@ class Usage(BaseModel):
     def add(self, other: Usage) -> None:
         self.calls += other.calls
         self.cached_calls += other.cached_calls
-        self.failed_calls += other.failed_calls
+        self.failed_queries += other.failed_queries
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.latency_s += other.latency_s
+        self.queued_seconds += other.queued_seconds
+        self.retries += other.retries
         self.rounds += other.rounds
         for kind, count in other.repairs.items():
             self.repairs[kind] = self.repairs.get(kind, 0) + count
+
+    @property
+    def failed_calls(self) -> int:
+        """The old name of ``failed_queries`` (it always counted queries, not calls)."""
+        return self.failed_queries
 
     @property
     def total_tokens(self) -> int:
@@ -122,7 +141,14 @@ class WindowTrace(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
+    queued_seconds: float = 0.0
+    """Time this window's calls waited before going on the wire (see ``Usage``)."""
+    retries: int = 0
+    """Requests of this window sent again after a failed attempt."""
     cached: bool = False
+    """Every completion of this window came from the response cache."""
+    cached_attempts: int | None = None
+    """How many of ``attempts`` came from the cache (None: all when ``cached``, else none)."""
     attempts: int = 1
     """Completions this window took: 2 when a truncated answer was asked again."""
 
@@ -153,6 +179,24 @@ class Completion(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
+    """Time on the wire (every attempt's)."""
+    queued_s: float = 0.0
+    """Time waited before the wire: a concurrency slot, the rate limit, between retries."""
+    retries: int = 0
     finish_reason: str | None = None
     cached: bool = False
     raw: dict[str, Any] | None = None
+
+
+@dataclass
+class Exchange:
+    """One raw request's answer and what it cost: time on the wire (every attempt's), time
+    waited before it (a concurrency slot, the rate limit, between retries), retries made, and
+    whether it came from a response cache (then it cost nothing)."""
+
+    answer: Any
+    """The decoded JSON answer: an object (a list for TEI's ``/rerank``)."""
+    latency_s: float
+    queued_s: float = 0.0
+    retries: int = 0
+    cached: bool = False

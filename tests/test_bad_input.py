@@ -314,3 +314,11 @@ def test_lines_past_the_limit_are_not_read(sim, capsys, tmp_path):
     code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 1
+
+
+def test_a_trec_run_given_as_input_is_explained(sim, capsys, tmp_path):
+    path = tmp_path / "bm25.run"
+    path.write_text("1 Q0 doc7 1 2.3 bm25\n1 Q0 doc9 2 2.1 bm25\n")
+    err = refused(sim, capsys, tmp_path, path)
+    assert f"{path}:1: this looks like a TREC run line" in err
+    assert "must be JSONL" in err and "Convert the run" in err

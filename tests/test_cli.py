@@ -415,3 +415,48 @@ def test_output_over_the_input_is_refused(
     assert main(rerank_args(simulator, source, source)) == 2
     assert "is the input file" in capsys.readouterr().err
     assert source.read_bytes() == (dl19_5q / "candidates.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["rerank", "--input", "x", "--output", "y", "--windw-size", "5"],
+            "did you mean --window-size?",
+        ),
+        (["rerank", "--inptu", "x", "--output", "y"], "--inptu: did you mean --input?"),
+        (["distill", "--input", "x", "--out", "y", "--augmnt", "1"], "did you mean --augment?"),
+        (["rernk", "--input", "x"], "rernk: did you mean rerank?"),
+    ],
+)
+def test_a_mistyped_flag_gets_the_commands_usage_and_a_suggestion(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err
+    if argv[0] != "rernk":  # the subcommand's own usage, not the top-level one
+        assert f"usage: permrank {argv[0]} " in err and "--window-size" in err
+
+
+def test_without_base_url_the_first_line_says_the_model_is_local(
+    dl19_5q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    from permrank.servers import llamacpp
+
+    def no_server(self):  # the notice must come before the (slow) start
+        raise llamacpp.ConfigError("not started in this test")
+
+    monkeypatch.setattr(llamacpp.LlamaServer, "start", no_server)
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    code = main(
+        ["rerank", "--input", str(dl19_5q / "candidates.jsonl"), "--output", str(tmp_path / "o")]
+        + ["--local-model", str(gguf), "-q"]
+    )
+    assert code == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("no --base-url: using the local model tiny.gguf on this machine")
+    assert "--base-url URL --model NAME" in first

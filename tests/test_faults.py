@@ -16,6 +16,7 @@ from reliability_support import (
     simulator,
 )
 
+from permrank.servers.process import free_port
 from permrank.simfaults import Faults
 
 QIDS = [r["qid"] for r in read_jsonl(CANDIDATES)]
@@ -36,9 +37,11 @@ def reference(
     return docids_by_qid(folder / "out.jsonl")
 
 
-def run_with(faults: Faults, tmp_path: Path, capsys, *extra: str) -> tuple[int, str, dict, int]:
+def run_with(
+    faults: Faults, tmp_path: Path, capsys, *extra: str, port: int = 0
+) -> tuple[int, str, dict, int]:
     """Rerank 2 queries against a faulty simulator: exit code, stderr, manifest, requests."""
-    with simulator(faults=faults) as sim:
+    with simulator(faults=faults, port=port) as sim:
         argv = rerank_argv(sim, CANDIDATES, tmp_path / "out.jsonl", tmp_path / "c.sqlite", *LIMIT)
         code, _, err = run_cli(argv + list(extra), capsys)
         seen = faults.describe()["requests_seen"]
@@ -173,8 +176,9 @@ def test_on_error_skip_reports_the_failed_query_and_finishes_the_others(
 def test_on_error_fail_stops_cleanly_and_keeps_what_was_finished(tmp_path, capsys, reference):
     bad = QIDS[1]
     faults = Faults(fail_queries=frozenset({bad}), status=500)
+    port = free_port()  # the same endpoint again below: a resumed run must use the same one
     code, err, manifest, _ = run_with(
-        faults, tmp_path, capsys, "--max-retries", "1", "--concurrency", "1"
+        faults, tmp_path, capsys, "--max-retries", "1", "--concurrency", "1", port=port
     )
     assert code == 2
     assert f"query {bad} failed" in err and "HTTP 500" in err
@@ -184,7 +188,7 @@ def test_on_error_fail_stops_cleanly_and_keeps_what_was_finished(tmp_path, capsy
     assert manifest["complete"] is False
     assert "HTTP 500" in manifest["stopped_by"] and bad in manifest["failed"]
     # Run again once the server is healthy: it resumes and completes.
-    with simulator() as sim:
+    with simulator(port=port) as sim:
         argv = rerank_argv(sim, CANDIDATES, tmp_path / "out.jsonl", tmp_path / "c.sqlite", *LIMIT)
         assert run_cli(argv, capsys)[0] == 0
         assert sim.state.per_query[QIDS[0]] == 0

@@ -152,9 +152,13 @@ def test_probe_context_is_per_slot() -> None:
         assert probe(two_slots.base_url).context_window == 1024
 
 
-def test_probe_refuses_an_unknown_model(server: LlamaServer) -> None:
-    with pytest.raises(EndpointUnavailable, match="does not serve model 'gpt-4o'.*SmolLM2"):
-        probe(server.base_url, "gpt-4o")
+def test_probe_accepts_llama_cpp_under_any_model_name(
+    server: LlamaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # llama.cpp's server answers as its one model whatever name a request gives: a warning.
+    info = probe(server.base_url, "gpt-4o")
+    assert info.kind == "llama.cpp" and info.model == "gpt-4o"
+    assert "asked for 'gpt-4o'" in caplog.text and "SmolLM2" in caplog.text
 
 
 def test_probe_refuses_an_unreachable_endpoint() -> None:
@@ -165,16 +169,15 @@ def test_probe_refuses_an_unreachable_endpoint() -> None:
         probe(f"http://127.0.0.1:{port}/v1", "any")
 
 
-def test_cli_fails_early_on_an_unknown_model(
-    server: LlamaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_cli_runs_a_llama_cpp_server_under_another_model_name(
+    server: LlamaServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     args = ["rerank", "--input", str(DL19_3Q20 / "candidates.jsonl"), "--output"]
-    code = main([*args, str(tmp_path / "o.jsonl"), "--base-url", server.base_url, "--model", "x"])
-    assert code == 2
-    assert "does not serve model 'x'; it serves: SmolLM2-135M-Instruct.Q4_1" in (
-        capsys.readouterr().err
-    )
-    assert not (tmp_path / "o.jsonl").exists()
+    out = tmp_path / "o.jsonl"
+    options = ["--base-url", server.base_url, "--model", "x", "--limit", "1", "--depth", "3"]
+    code = main([*args, str(out), *options])
+    assert code == 0 and out.exists()
+    assert "asked for 'x'" in caplog.text and "SmolLM2-135M-Instruct.Q4_1" in caplog.text
 
 
 class FakeVllm(BaseHTTPRequestHandler):

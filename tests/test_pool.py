@@ -88,8 +88,17 @@ def test_a_dead_endpoint_is_taken_out_and_its_windows_resent(replicas, dl19_5q):
 
 
 def test_the_run_fails_only_when_no_endpoint_is_left(dl19_5q):
-    with pytest.raises(BackendError, match="no endpoint left"):
+    # Every replica dead from the start: the probe says so before any request.
+    with pytest.raises(EndpointUnavailable, match="cannot reach"):
         rankings_with([dead_url(), dead_url()], dl19_5q, on_error="fail")
+    # Replicas that die later (no probe here): the run fails once no endpoint is left.
+    from permrank.backends.pool import pool_backend
+
+    requests = list(read_requests(dl19_5q / "candidates.jsonl"))
+    pool = pool_backend([dead_url(), dead_url()], MODEL, max_retries=2)
+    with Reranker(backend=pool, window_size=10, step=5, on_error="fail") as reranker:
+        with pytest.raises(BackendError, match="no endpoint left"):
+            reranker.rerank_batch(requests)
 
 
 def test_an_endpoint_back_after_its_cooldown_is_used_again(replicas):

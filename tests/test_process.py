@@ -4,6 +4,7 @@ log, a taken port retried, and `permrank serve`'s wait for a server that dies on
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import time
@@ -106,7 +107,7 @@ def test_ready_on_health_and_stopped_without_a_trace() -> None:
     assert gone(pid) and not log_path.exists()
 
 
-def test_a_group_that_ignores_sigterm_is_killed_after_the_grace() -> None:
+def test_a_group_that_ignores_sigterm_is_killed_after_the_grace(caplog) -> None:
     server = ToyServer("stubborn").start()
     assert server.log_path is not None and server.pid is not None
     leader = server.pid
@@ -116,6 +117,8 @@ def test_a_group_that_ignores_sigterm_is_killed_after_the_grace() -> None:
     server.stop()
     assert time.monotonic() - started >= server.terminate_grace_s * 0.9
     assert gone(leader) and gone(grandchild), "a process of the group outlived stop()"
+    # Our own child, stopped on purpose (after a Ctrl-C, say): no warning for the user.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_a_server_that_dies_while_starting_is_reported_with_its_log() -> None:

@@ -103,6 +103,7 @@ def test_partial_last_line_is_repaired_and_the_query_asked_again(tmp_path, capsy
         lines = reference.read_bytes().splitlines(keepends=True)
         output = tmp_path / "out.jsonl"
         output.write_bytes(lines[0] + lines[1][: len(lines[1]) // 2])  # killed mid-write
+        copy_record(reference, output)
         asked = sim.state.requests
         argv = rerank_argv(
             sim,
@@ -130,10 +131,16 @@ def test_damaged_gzip_output_is_repaired(tmp_path, capsys):
         data = reference.read_bytes()
         output = tmp_path / "out.jsonl.gz"
         output.write_bytes(data[: len(data) - 40])  # the last member cut short
+        copy_record(reference, output)
         argv = rerank_argv(sim, CANDIDATES, output, tmp_path / "c.sqlite", "--limit", "3")
         assert run_cli(argv, capsys)[0] == 0
     with gzip.open(output, "rt") as a, gzip.open(reference, "rt") as b:
         assert a.read() == b.read()
+
+
+def copy_record(made: Path, to: Path) -> None:
+    """Give ``to`` the run record of ``made`` (the same settings made it)."""
+    Path(f"{to}.run.json").write_bytes(Path(f"{made}.run.json").read_bytes())
 
 
 def test_failed_queries_are_asked_again_and_overwrite_starts_afresh(tmp_path, capsys):
@@ -141,9 +148,13 @@ def test_failed_queries_are_asked_again_and_overwrite_starts_afresh(tmp_path, ca
     output = tmp_path / "out.jsonl"
     stale = {"qid": records[0]["qid"], "query": records[0]["query"], "candidates": []}
     failed = {**records[1], "error": "HTTP 503 after 6 attempts"}
-    output.write_text(json.dumps(stale) + "\n" + json.dumps(failed) + "\n")
     with simulator() as sim:
         argv = rerank_argv(sim, CANDIDATES, output, tmp_path / "c.sqlite", "--limit", "2")
+        # A run with these settings (another cache) left one query done and one failed.
+        first = rerank_argv(sim, CANDIDATES, output, None, "--no-cache", "--limit", "2")
+        assert run_cli(first, capsys)[0] == 0
+        output.write_text(json.dumps(stale) + "\n" + json.dumps(failed) + "\n")
+        sim.state.per_query.clear()
         assert run_cli(argv, capsys)[0] == 0
         assert sim.state.per_query[records[0]["qid"]] == 0  # written already: kept
         assert sim.state.per_query[records[1]["qid"]] == 9  # failed before: asked again
@@ -154,3 +165,48 @@ def test_failed_queries_are_asked_again_and_overwrite_starts_afresh(tmp_path, ca
         assert run_cli(argv + ["--overwrite"], capsys)[0] == 0
         out = read_jsonl(output)
         assert [len(r["candidates"]) for r in out] == [100, 100]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_cleanly_counts_what_was_spent_and_resumes(tmp_path, capsys):
+    """SIGINT a real ``permrank rerank`` mid-run: one line, exit 130, no asyncio noise; the
+    manifest counts the calls really answered; the same command resumes and finishes."""
+    output = tmp_path / "run.jsonl"
+    with simulator(latency_s=0.03) as sim:
+        command = [sys.executable, "-m", "permrank"] + rerank_argv(
+            sim, CANDIDATES, output, tmp_path / "c.sqlite", "--concurrency", "2"
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while sim.state.requests < 12:
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        answered = sim.state.requests
+        assert proc.returncode == 130, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("permrank rerank: interrupted"), err
+        assert "run the same command again to resume" in lines[0]
+        for noise in ("Traceback", "Event loop is closed", "Task was destroyed", "SIGTERM"):
+            assert noise not in err
+        manifest = json.loads(Path(f"{output}.manifest.json").read_text())
+        assert manifest["stopped_by"] == "interrupted" and manifest["complete"] is False
+        spent = manifest["totals"]
+        # Every answer that arrived is counted, finished queries or not (at most the requests
+        # in flight when it stopped are not).
+        assert answered - 2 <= spent["calls"] <= answered
+        assert spent["prompt_tokens"] > 0 and spent["completion_tokens"] > 0
+        written = len(read_jsonl(output))
+
+        resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+    assert sorted(assert_whole_lines(output)) == sorted(QIDS)
+    manifest = json.loads(Path(f"{output}.manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["resumed_queries"] == written
+    # The totals include the interrupted session's calls.
+    assert manifest["totals"]["calls"] == spent["calls"] + manifest["this_run"]["totals"]["calls"]

@@ -121,8 +121,8 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture(autouse=True, params=["auto", "openai"], ids=["plain-http", "openai-sdk"])
 def transport(request: pytest.FixtureRequest) -> str:
-    """Every test runs through both HTTP clients: permrank's own (what ``auto`` picks for a
-    loopback ``http://`` URL) and the openai SDK."""
+    """Every test runs through both HTTP clients: aiohttp (what ``auto`` picks for a loopback
+    ``http://`` URL) and the openai SDK."""
     TRANSPORT[0] = request.param
     return request.param
 

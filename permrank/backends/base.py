@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..types import Completion
+from ..types import Completion, Exchange
+
+__all__ = ["Backend", "Exchange"]
 
 
 class Backend(Protocol):

@@ -7,6 +7,11 @@ the model, the exact messages and every sampling parameter (``max_tokens``, ``te
 ``seed`` and the extra request fields). The value is what the model answered: its text, token
 counts and finish reason. Nothing else is stored: never an API key, never a request header.
 
+Reads and writes run on a thread of the cache's own (never on the event loop), and two identical
+requests in flight at once make one call: the second waits for the first's answer (single flight).
+An embedded or loopback llama.cpp server is keyed by its model file (``identity``: path, size,
+modification time), not by its random port, so the next run finds its answers again.
+
 The file is in WAL mode with a busy timeout, so processes sharing it read while another writes
 and wait for each other's writes instead of failing. Each answer is committed as soon as it
 arrives, so a process killed at any moment loses at most the answers still in flight.
@@ -17,18 +22,22 @@ Default location: ``$PERMRANK_CACHE_DIR/cache.sqlite``, else
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConfigError
 from ..types import Completion
-from .base import Backend
+from .base import Backend, Exchange
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +88,36 @@ def cache_key(
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def request_key(endpoint: str, model: str, route: str, body: dict[str, Any]) -> str:
+    """SHA-256 of everything that decides a raw request's answer (canonical JSON)."""
+    material = {"endpoint": endpoint, "model": model, "route": route, "body": body}
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "request:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+T = TypeVar("T")
+
+
 class ResponseCache:
     """Model answers by key, in one SQLite file that several processes may share."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._thread: ThreadPoolExecutor | None = None
+
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        """``work()`` on the cache's own thread: SQLite never blocks the event loop."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="permrank-cache")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+
+    async def aget(self, key: str) -> Completion | None:
+        return await self._off_loop(lambda: self.get(key))
+
+    async def aput(self, key: str, model: str, completion: Completion) -> None:
+        await self._off_loop(lambda: self.put(key, model, completion))
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
@@ -109,15 +142,16 @@ class ResponseCache:
         return self._db
 
     def get(self, key: str) -> Completion | None:
-        row = (
-            self._connect()
-            .execute(
-                "SELECT text, prompt_tokens, completion_tokens, finish_reason "
-                "FROM responses WHERE key = ?",
-                (key,),
+        with self._lock:
+            row = (
+                self._connect()
+                .execute(
+                    "SELECT text, prompt_tokens, completion_tokens, finish_reason "
+                    "FROM responses WHERE key = ?",
+                    (key,),
+                )
+                .fetchone()
             )
-            .fetchone()
-        )
         if row is None:
             return None
         text, prompt_tokens, completion_tokens, finish_reason = row
@@ -130,6 +164,10 @@ class ResponseCache:
         )
 
     def put(self, key: str, model: str, completion: Completion) -> None:
+        with self._lock:
+            self._put(key, model, completion)
+
+    def _put(self, key: str, model: str, completion: Completion) -> None:
         self._connect().execute(
             "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
@@ -144,25 +182,66 @@ class ResponseCache:
         )
 
     def __len__(self) -> int:
-        return int(self._connect().execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+        with self._lock:
+            return int(self._connect().execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 class CachingBackend:
     """Any Backend, with answers kept in a ResponseCache. Cached answers say ``cached=True``
-    and carry the token counts of the call that produced them (their latency is 0)."""
+    and carry the token counts of the call that produced them (their latency is 0).
 
-    def __init__(self, inner: Backend, cache: ResponseCache | str | Path):
+    ``identity`` stands for the endpoint in the keys when answers do not depend on where the
+    server listens (an embedded llama.cpp server: its model file); else the endpoint is used."""
+
+    def __init__(
+        self, inner: Backend, cache: ResponseCache | str | Path, *, identity: str | None = None
+    ):
         self.inner = inner
         self.cache = cache if isinstance(cache, ResponseCache) else ResponseCache(cache)
         self.model = inner.model
         self.endpoint = inner.endpoint
+        self.identity = identity
         self.hits = 0
         self.misses = 0
+        self._in_flight: dict[str, asyncio.Future[Any]] = {}
+
+    async def _single_flight(self, key: str, make: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """``make()``'s result, computed once for concurrent callers of one key; True for a
+        caller that waited for another's call."""
+        running = self._in_flight.get(key)
+        if running is not None:
+            try:
+                return await asyncio.shield(running), True
+            except asyncio.CancelledError:
+                if not running.cancelled():
+                    raise  # this caller was cancelled
+                # The caller making the call was cancelled (its query lost): ask ourselves.
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            result = await make()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        else:
+            future.set_result(result)
+            return result, False
+        finally:
+            if self._in_flight.get(key) is future:
+                del self._in_flight[key]
 
     async def complete(
         self,
@@ -174,7 +253,7 @@ class CachingBackend:
         extra: dict[str, Any] | None = None,
     ) -> Completion:
         key = cache_key(
-            self.endpoint,
+            self.identity or self.endpoint,
             self.model,
             messages,
             max_tokens=max_tokens,
@@ -182,22 +261,70 @@ class CachingBackend:
             seed=seed,
             extra=extra,
         )
-        found = self.cache.get(key)
-        if found is not None:
+
+        async def ask() -> Completion:
+            found = await self.cache.aget(key)
+            if found is not None:
+                self.hits += 1
+                return found
+            completion = await self.inner.complete(
+                messages, max_tokens=max_tokens, temperature=temperature, seed=seed, extra=extra
+            )
+            self.misses += 1
+            await self.cache.aput(key, self.model, completion)
+            return completion
+
+        completion, shared = await self._single_flight(key, ask)
+        if shared:  # answered by another caller's call: no call of its own
             self.hits += 1
-            return found
-        completion = await self.inner.complete(
-            messages, max_tokens=max_tokens, temperature=temperature, seed=seed, extra=extra
-        )
-        self.misses += 1
-        self.cache.put(key, self.model, completion)
+            return completion.model_copy(
+                update={"cached": True, "latency_s": 0.0, "queued_s": 0.0, "retries": 0}
+            )
         return completion
+
+    async def exchange(self, route: str, body: dict[str, Any]) -> Exchange:
+        """A raw request (scoring methods), its whole JSON answer kept in the cache."""
+        keyed = route
+        if self.identity and "://" in route:  # a server's own route: not by its port either
+            keyed = "/" + route.split("://", 1)[1].partition("/")[2]
+        key = request_key(self.identity or self.endpoint, self.model, keyed, body)
+
+        async def ask() -> Exchange:
+            found = await self.cache.aget(key)
+            if found is not None:
+                self.hits += 1
+                return Exchange(answer=json.loads(found.text), latency_s=0.0, cached=True)
+            inner = getattr(self.inner, "exchange", None)
+            if inner is not None:
+                done = await inner(route, body)
+            else:
+                answer, latency = await self.inner.request(route, body)  # type: ignore[attr-defined]
+                done = Exchange(answer=answer, latency_s=latency)
+            self.misses += 1
+            usage = done.answer.get("usage") or {}
+            kept = Completion(
+                text=json.dumps(done.answer, ensure_ascii=False),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
+            await self.cache.aput(key, self.model, kept)
+            return done
+
+        done, shared = await self._single_flight(key, ask)
+        if shared:
+            self.hits += 1
+            return Exchange(answer=done.answer, latency_s=0.0, cached=True)
+        return done
+
+    async def request(self, route: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        done = await self.exchange(route, body)
+        return done.answer, done.latency_s
 
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "cache": str(self.cache.path)}
 
     def __getattr__(self, name: str) -> Any:
-        # Anything else a wrapped backend offers (``request``, ``tokenize``, ...) passes through.
+        # Anything else a wrapped backend offers (``tokenize``, ...) passes through.
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)

@@ -1,11 +1,12 @@
 """Any OpenAI-compatible ``/v1/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp, ...).
 
-Requests go through ``openai.AsyncOpenAI`` (its own retries off), or, for a plain ``http://``
-endpoint that no proxy applies to (a local vLLM or llama.cpp server), through the lean client of
-``permrank.backends.http``, which costs a fraction of the SDK's CPU per request
-(``transport="openai"`` forces the SDK). Either way tenacity retries 429, 5xx, timeouts and
-dropped connections with exponential backoff and jitter, honouring ``Retry-After``, a bounded
-number of times; asyncio-throttle caps requests per second; a semaphore caps requests in flight.
+Requests to a plain ``http://`` endpoint that no proxy applies to (a local vLLM or llama.cpp
+server) go through aiohttp (``permrank.backends.client``: a C parser, a fraction of the SDK's CPU
+per request); HTTPS endpoints, proxies and ``transport="openai"`` go through
+``openai.AsyncOpenAI`` (its own retries off), imported only then. Either way 429, 5xx,
+timeouts and dropped connections are retried with exponential backoff and jitter, honouring
+``Retry-After``, a bounded number of times (each counted); asyncio-throttle caps requests per
+second; a semaphore caps requests in flight.
 The API key is read from an environment variable and never logged or written.
 """
 
@@ -16,30 +17,68 @@ import email.utils
 import logging
 import os
 import random
+import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+from aiohttp import ClientConnectorError, ClientOSError, ServerDisconnectedError
 from asyncio_throttle import Throttler
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from .. import __version__
 from ..errors import BackendError, ConfigError
 from ..types import Completion
-from .http import HTTPStatusError, PlainHTTPClient, TransportError, plain_http_applies
+from .base import Exchange
+from .client import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    HTTPClient,
+    HTTPStatusError,
+    ResponseTooLarge,
+    TransportError,
+    plain_http_applies,
+)
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-TRANSPORTS = ("auto", "openai", "plain")
+TRANSPORTS = ("auto", "openai", "plain", "aiohttp")
+"""``plain`` and ``aiohttp`` are one: aiohttp (``plain`` was permrank's own client before)."""
+
+
+def _sdk() -> Any:
+    """The openai module if something imported it (else no exception can be one of its)."""
+    return sys.modules.get("openai")
+
+
+def _status_code(exc: BaseException) -> int | None:
+    if isinstance(exc, HTTPStatusError):
+        return exc.status_code
+    sdk = _sdk()
+    if sdk is not None and isinstance(exc, sdk.APIStatusError):
+        return int(exc.status_code)
+    return None
 
 
 def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIStatusError | HTTPStatusError):
-        return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
-    return isinstance(exc, openai.APIConnectionError | TransportError | asyncio.TimeoutError)
+    status = _status_code(exc)
+    if status is not None:
+        return status in RETRYABLE_STATUS or status >= 500
+    if isinstance(exc, TransportError | asyncio.TimeoutError):
+        return True
+    sdk = _sdk()
+    return sdk is not None and isinstance(exc, sdk.APIConnectionError)
+
+
+def is_request_failure(exc: BaseException) -> bool:
+    """An exception of a request (either client's), as opposed to a bug."""
+    if isinstance(exc, HTTPStatusError | TransportError | asyncio.TimeoutError):
+        return True
+    sdk = _sdk()
+    return sdk is not None and isinstance(exc, sdk.APIError)
 
 
 def retry_after_seconds(exc: BaseException) -> float | None:
@@ -68,11 +107,15 @@ def retry_after_seconds(exc: BaseException) -> float | None:
 
 
 def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, openai.APIStatusError | HTTPStatusError):
-        return f"HTTP {exc.status_code}: {exc.message}"
-    if isinstance(exc, openai.APITimeoutError | asyncio.TimeoutError):
+    status = _status_code(exc)
+    if status is not None:
+        return f"HTTP {status}: {getattr(exc, 'message', exc)}"
+    sdk = _sdk()
+    if isinstance(exc, asyncio.TimeoutError) or (
+        sdk is not None and isinstance(exc, sdk.APITimeoutError)
+    ):
         return "timed out"
-    if isinstance(exc, openai.APIConnectionError):
+    if sdk is not None and isinstance(exc, sdk.APIConnectionError):
         cause = exc.__cause__ or exc.__context__
         return f"connection failed ({type(cause).__name__ if cause else 'no answer'})"
     if isinstance(exc, TransportError):
@@ -97,6 +140,7 @@ class OpenAIBackend:
         retry_base_s: float = 0.5,
         retry_max_s: float = 60.0,
         transport: str = "auto",
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         if not base_url:
             raise ConfigError("no endpoint: give --base-url (e.g. http://127.0.0.1:8000/v1)")
@@ -106,13 +150,18 @@ class OpenAIBackend:
             raise ConfigError(f"concurrency must be at least 1 (got {concurrency})")
         if rps is not None and rps <= 0:
             raise ConfigError(f"rps must be positive (got {rps}); leave it out for no limit")
+        if max_response_bytes < 1024:
+            raise ConfigError(
+                f"max_response_bytes must be at least 1024 (got {max_response_bytes})"
+            )
         if transport not in TRANSPORTS:
             raise ConfigError(
                 f"transport must be one of {', '.join(TRANSPORTS)} (got {transport!r})"
             )
-        if transport == "plain" and not base_url.startswith("http://"):
+        if transport in ("plain", "aiohttp") and not base_url.startswith("http://"):
             raise ConfigError(
-                f"transport 'plain' speaks only http:// (got {base_url!r}); use 'auto' or 'openai'"
+                f"transport {transport!r} speaks only http:// (got {base_url!r}); use 'auto' or "
+                "'openai'"
             )
         self.endpoint = base_url.rstrip("/")
         self.model = model
@@ -123,16 +172,17 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
-        self.plain = transport == "plain" or (
+        self.max_response_bytes = max_response_bytes
+        self.plain = transport in ("plain", "aiohttp") or (
             transport == "auto" and plain_http_applies(self.endpoint)
         )
-        """Requests go through ``PlainHTTPClient`` (else the openai SDK)."""
-        self._client: openai.AsyncOpenAI | PlainHTTPClient | None = None
+        """Requests go through aiohttp (else the openai SDK)."""
+        self._client: openai.AsyncOpenAI | HTTPClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._throttler: Throttler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _ensure(self) -> openai.AsyncOpenAI | PlainHTTPClient:
+    def _ensure(self) -> openai.AsyncOpenAI | HTTPClient:
         # A client, its connections and its limits belong to one event loop: a new loop (each
         # asyncio.run, or the sync API's own loop after an async call) gets its own.
         loop = asyncio.get_running_loop()
@@ -143,16 +193,19 @@ class OpenAIBackend:
             if self.rps is not None:
                 self._throttler = Throttler(rate_limit=1, period=1.0 / self.rps)
             if self.plain:
-                self._client = PlainHTTPClient(
-                    self.endpoint,
-                    headers={
-                        "Authorization": f"Bearer {key}",
-                        "User-Agent": f"permrank/{__version__}",
-                    },
-                    timeout_s=self.timeout_s,
-                    max_idle=self.concurrency,
-                )
-                return self._client
+                if not isinstance(self._client, HTTPClient):
+                    self._client = HTTPClient(
+                        headers={
+                            "Authorization": f"Bearer {key}",
+                            "User-Agent": f"permrank/{__version__}",
+                        },
+                        timeout_s=self.timeout_s,
+                        limit=self.concurrency,
+                        max_response_bytes=self.max_response_bytes,
+                    )
+                return self._client  # its session follows the running loop
+            import openai
+
             self._client = openai.AsyncOpenAI(
                 base_url=self.endpoint,
                 api_key=key,
@@ -170,6 +223,8 @@ class OpenAIBackend:
         """A pool of ``concurrency`` connections, all kept alive: no more can be in use at once
         (the semaphore), and the pool checks every connection it holds on each request, so a
         larger pool (openai's default keeps 100, allows 1000) only costs CPU."""
+        import openai
+
         default = openai.DEFAULT_CONNECTION_LIMITS  # httpx's or httpx2's Limits, as openai uses
         return type(default)(
             max_connections=self.concurrency,
@@ -182,62 +237,85 @@ class OpenAIBackend:
         key = os.environ.get(self.api_key_env)
         return text.replace(key, "[api key]") if key and len(key) >= 4 else text
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        asked = retry_after_seconds(exc) if exc is not None else None
+    def retry_delay(self, exc: BaseException, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` after ``exc`` ended attempt
+        ``attempt``: what ``Retry-After`` asks (capped), else exponential backoff with jitter;
+        none after a first attempt lost on a connection the server had closed."""
+        if (
+            attempt == 1
+            and isinstance(exc, TransportError)
+            and isinstance(exc.cause, ServerDisconnectedError | ClientOSError)
+            and not isinstance(exc.cause, ClientConnectorError)
+        ):
+            return 0.0  # most likely a kept-alive connection the server had closed: a fresh one
+        asked = retry_after_seconds(exc)
         if asked is not None:
             return min(asked, self.retry_max_s)
-        backoff = self.retry_base_s * 2 ** (state.attempt_number - 1)
-        return min(self.retry_max_s, backoff) * (0.5 + random.random() / 2)
+        backoff = self.retry_base_s * 2 ** (attempt - 1)
+        return float(min(self.retry_max_s, backoff) * (0.5 + random.random() / 2))
 
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "%s: attempt %d failed (%s); retrying",
-            self.endpoint,
-            state.attempt_number,
-            self.redact(describe_failure(exc)) if exc else "?",
-        )
-
-    async def request(self, route: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    async def request(self, route: str, body: dict[str, Any]) -> tuple[Any, float]:
         """POST ``body`` to ``route`` with limits and retries; the JSON answer and its latency."""
+        done = await self.exchange(route, body)
+        return done.answer, done.latency_s
+
+    async def exchange(self, route: str, body: dict[str, Any]) -> Exchange:
+        """POST ``body`` to ``route`` (under the endpoint, or an absolute ``http://`` URL of the
+        server's own routes) with limits and retries; the answer and what it cost."""
         client = self._ensure()
         assert self._semaphore is not None
+        url = route if route.startswith(("http://", "https://")) else self.endpoint + route
         started = time.perf_counter()
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(is_retryable),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
+        wire = 0.0
+        attempts = 0
         try:
             async with self._semaphore:
-                async for attempt in retrying:
-                    with attempt:
-                        if self._throttler is not None:
-                            await self._throttler.acquire()
-                        if isinstance(client, PlainHTTPClient):
-                            answer = await client.post_json(route, body)
+                # The retry loop by hand: no per-request objects on the path every request takes.
+                while True:
+                    if self._throttler is not None:
+                        await self._throttler.acquire()
+                    attempts += 1
+                    sent = time.perf_counter()
+                    try:
+                        if isinstance(client, HTTPClient):
+                            answer = await client.post_json(url, body)
                         else:
-                            answer = await client.post(route, body=body, cast_to=object)
+                            answer = await client.post(url, body=body, cast_to=object)
+                    except Exception as exc:
+                        wire += time.perf_counter() - sent
+                        if attempts > self.max_retries or not is_retryable(exc):
+                            raise
+                        log.warning(
+                            "%s: attempt %d failed (%s); retrying",
+                            self.endpoint,
+                            attempts,
+                            self.redact(describe_failure(exc)),
+                        )
+                        await asyncio.sleep(self.retry_delay(exc, attempts))
+                        continue
+                    wire += time.perf_counter() - sent
+                    break
+        except ResponseTooLarge as exc:
+            raise BackendError(self.redact(str(exc))) from None
         except Exception as exc:
-            if isinstance(
-                exc, openai.APIError | HTTPStatusError | TransportError | asyncio.TimeoutError
-            ):
-                tries = self.max_retries + 1 if is_retryable(exc) else 1
+            if is_request_failure(exc):
                 reason = self.redact(describe_failure(exc))
-                raise BackendError(
-                    f"{self.endpoint}{route}: request failed after {tries} attempt(s): "
+                failure = BackendError(
+                    f"{url}: request failed after {attempts} attempt(s): "
                     f"{reason}. Check that the server is up and serves model "
                     f"{self.model!r}, or raise --max-retries / --timeout."
-                ) from None
+                )
+                failure.retries = max(0, attempts - 1)  # type: ignore[attr-defined]
+                raise failure from None
             raise
-        if not isinstance(answer, dict):
-            raise BackendError(
-                f"{self.endpoint}{route}: answer is not a JSON object: {answer!r:.200}"
-            )
-        return answer, time.perf_counter() - started
+        if not isinstance(answer, dict | list):  # a list: TEI's /rerank
+            raise BackendError(f"{url}: answer is not a JSON object: {answer!r:.200}")
+        return Exchange(
+            answer=answer,
+            latency_s=wire,
+            queued_s=time.perf_counter() - started - wire,
+            retries=attempts - 1,
+        )
 
     async def complete(
         self,
@@ -258,7 +336,8 @@ class OpenAIBackend:
             body["seed"] = seed
         if extra:
             body.update(extra)
-        answer, latency = await self.request("/chat/completions", body)
+        done = await self.exchange("/chat/completions", body)
+        answer = done.answer
         choices = answer.get("choices") or [{}]
         choice = choices[0] or {}
         message = choice.get("message") or {}
@@ -267,7 +346,9 @@ class OpenAIBackend:
             text=message.get("content") or "",
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
-            latency_s=latency,
+            latency_s=done.latency_s,
+            queued_s=done.queued_s,
+            retries=done.retries,
             finish_reason=choice.get("finish_reason"),
             raw=answer,
         )
@@ -282,14 +363,13 @@ class OpenAIBackend:
             "rps": self.rps,
             "timeout_s": self.timeout_s,
             "max_retries": self.max_retries,
-            "transport": "plain http" if self.plain else "openai sdk",
+            "transport": "aiohttp" if self.plain else "openai sdk",
         }
 
     async def aclose(self) -> None:
         if self._client is not None:
-            if self._loop is asyncio.get_running_loop():  # else its loop is gone, and with it
-                if isinstance(self._client, PlainHTTPClient):
-                    await self._client.aclose()
-                else:
-                    await self._client.close()
+            if isinstance(self._client, HTTPClient):
+                await self._client.aclose()  # a session of another loop is dropped, not awaited
+            elif self._loop is asyncio.get_running_loop():  # else its loop is gone, and with it
+                await self._client.close()
             self._client = None

@@ -11,21 +11,27 @@ is, or, without one, the embedded llama.cpp server started for the duration of t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
-
-import httpx
 
 from ..errors import EndpointUnavailable
 from ..tokens import ServerTokenizer
+from .client import HTTPClient, TransportError
 
 log = logging.getLogger(__name__)
 
 ServerKind = Literal["llama.cpp", "vllm", "openai", "simulator", "unknown"]
+LOADING_STATUS = 503
+"""What llama.cpp and vLLM answer while they load a model: the probe waits for them."""
 
 
 @dataclass
@@ -49,6 +55,9 @@ class ServerInfo:
     tokenize: bool = False
     """Whether ``/tokenize`` counts with the model's own tokenizer."""
     version: str | None = None
+    identity: str | None = None
+    """What answers do not depend on the port of: the model file of a loopback llama.cpp
+    server (path, size, mtime), so the response cache finds an embedded model's answers again."""
 
     def tokenizer(self, timeout_s: float = 30.0) -> ServerTokenizer | None:
         """The served model's own tokenizer, when the server has one."""
@@ -73,58 +82,121 @@ def server_root(base_url: str) -> str:
     return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
-def _get(client: httpx.Client, url: str) -> dict[str, Any] | None:
+def model_file_identity(path: str | None) -> str | None:
+    """``path``, size and modification time of a local model file (None if not one here)."""
+    if not path:
+        return None
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return f"file:{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+async def _get(client: HTTPClient, url: str) -> dict[str, Any] | None:
     """GET a JSON object; None when the route is missing or answers something else."""
     try:
-        response = client.get(url)
-    except httpx.HTTPError:
+        status, data = await client.get(url)
+    except (TransportError, TimeoutError):
         return None
-    if response.status_code != 200:
-        return None
-    try:
-        data = response.json()
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+    return data if status == 200 and isinstance(data, dict) else None
 
 
-def probe(
+CLI_HINT = (
+    "start the server, or check --base-url (without --base-url permrank starts its embedded model)"
+)
+
+
+async def _list_models(
+    client: HTTPClient,
+    base: str,
+    *,
+    wait_s: float,
+    progress: Callable[[str], None] | None,
+    hint: str = CLI_HINT,
+) -> tuple[int, Any]:
+    """``GET base/models``: its status and JSON; waits (up to ``wait_s``) while the server
+    answers 503 (loading its model), saying so once every few seconds."""
+    started = time.monotonic()
+    said = -1.0
+    while True:
+        try:
+            status, listing = await client.get(f"{base}/models")
+        except (TransportError, TimeoutError) as exc:
+            cause = exc.cause if isinstance(exc, TransportError) else exc
+            raise EndpointUnavailable(
+                f"cannot reach the endpoint {base} ({type(cause).__name__}: {cause}): {hint}. "
+                "Nothing was sent to the model."
+            ) from None
+        waited = time.monotonic() - started
+        if status != LOADING_STATUS or waited >= wait_s:
+            if status == LOADING_STATUS:
+                raise EndpointUnavailable(
+                    f"{base} still answers HTTP 503 (loading its model?) after {waited:.0f} s; "
+                    "wait for it to be ready, or give a longer --timeout"
+                )
+            return status, listing
+        if said < 0 or waited - said >= 5.0:
+            said = waited
+            line = (
+                f"waiting for {base} to load its model (HTTP 503, {waited:.0f} s of {wait_s:.0f} s)"
+            )
+            log.warning("%s", line)
+            if progress is not None:
+                progress(line)
+        await asyncio.sleep(min(0.5, max(0.05, wait_s - waited)))
+
+
+async def aprobe(
     base_url: str,
     model: str | None = None,
     *,
     api_key: str | None = None,
     timeout_s: float = 10.0,
+    wait_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
+    hint: str = CLI_HINT,
+    strict_model: bool = True,
 ) -> ServerInfo:
-    """Ask an endpoint what it serves and can do. Raises ``EndpointUnavailable``."""
+    """Ask an endpoint what it serves and can do. Raises ``EndpointUnavailable``.
+
+    A server answering 503 (llama.cpp and vLLM while they load a model) is asked again every
+    half second for up to ``wait_s`` seconds (default ``timeout_s``), with a progress line.
+    ``strict_model=False``: a model the endpoint does not list is a warning, not an error."""
     base = base_url.rstrip("/")
     root = server_root(base)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(timeout=timeout_s, headers=headers) as client:
-        try:
-            response = client.get(f"{base}/models")
-        except httpx.HTTPError as exc:
+    client = HTTPClient(headers=headers, timeout_s=timeout_s, limit=2, trust_env=True)
+    try:
+        status, listing = await _list_models(
+            client,
+            base,
+            wait_s=timeout_s if wait_s is None else wait_s,
+            progress=progress,
+            hint=hint,
+        )
+        if status in (401, 403):
             raise EndpointUnavailable(
-                f"cannot reach the endpoint {base} ({type(exc).__name__}: {exc}): start the "
-                "server, or check --base-url (without --base-url permrank starts its embedded "
-                "model). Nothing was sent to the model."
-            ) from None
-        if response.status_code in (401, 403):
-            raise EndpointUnavailable(
-                f"{base}/models refused the API key (HTTP {response.status_code}): put the right "
-                "key in the environment variable named by --api-key-env (default OPENAI_API_KEY)."
+                f"{base}/models refused the API key (HTTP {status}): put the right key in the "
+                "environment variable named by --api-key-env (the API's api_key_env; default "
+                "OPENAI_API_KEY)."
             )
-        listing = None
-        if response.status_code == 200:
-            with contextlib.suppress(ValueError):
-                listing = response.json()
+        if status != 200 or not isinstance(listing, dict):
+            listing = None
         entries = [e for e in (listing or {}).get("data") or [] if isinstance(e, dict)]
         served = [str(e.get("id")) for e in entries if e.get("id")]
         owners = {str(e.get("owned_by") or "") for e in entries}
 
-        props = _get(client, f"{root}/props") if "api.openai.com" not in base else None
+        props = await _get(client, f"{root}/props") if "api.openai.com" not in base else None
         version = None
+        kind: ServerKind
         if props is not None and "default_generation_settings" in props:
-            kind: ServerKind = "llama.cpp"
+            kind = "llama.cpp"
             version = str(props.get("build_info") or "") or None
         elif "vllm" in owners:
             kind = "vllm"
@@ -135,14 +207,17 @@ def probe(
         else:
             kind = "unknown"
         if kind in ("vllm", "unknown"):
-            answer = _get(client, f"{root}/version")
+            answer = await _get(client, f"{root}/version")
             if answer is not None and "version" in answer:
                 kind, version = "vllm", str(answer["version"])
+    finally:
+        await client.aclose()
 
     if not served:
         if model is None:
             raise EndpointUnavailable(
-                f"{base}/models lists no model (HTTP {response.status_code}); give --model"
+                f"{base}/models lists no model (HTTP {status}); give the model's name "
+                "(the CLI's --model, the API's model)"
             )
         log.warning("%s/models lists no model; using %r as given", base, model)
     elif model is None:
@@ -152,8 +227,14 @@ def probe(
             )
         model = served[0]
     elif model not in served:
-        if kind == "llamacpp":  # llama.cpp's server answers under any model name
-            log.warning("%s serves %s; asked for %r", base, served[0], model)
+        if kind == "llama.cpp" or not strict_model:  # llama.cpp answers under any name
+            log.warning(
+                "%s (%s) serves %s; asked for %r, which it may answer as its own model",
+                base,
+                kind,
+                ", ".join(served[:10]),
+                model,
+            )
         else:
             raise EndpointUnavailable(
                 f"the endpoint {base} does not serve model {model!r}; it serves: "
@@ -173,6 +254,9 @@ def probe(
         info.chat = bool(props.get("chat_template"))
         info.logprobs = True
         info.tokenize = True
+        if is_loopback(base):
+            found = model_file_identity(props.get("model_path"))
+            info.identity = f"llama.cpp:{found}" if found else None
     elif kind == "vllm":
         max_len = entry.get("max_model_len")
         info.context_window = int(max_len) if max_len else None
@@ -185,21 +269,67 @@ def probe(
     return info
 
 
+def run_sync(make: Callable[[], Any]) -> Any:
+    """Run the coroutine ``make()`` returns to its end from sync code, even when the calling
+    thread already runs an event loop (Jupyter): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = asyncio.run(make())
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def probe(
+    base_url: str,
+    model: str | None = None,
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 10.0,
+    wait_s: float | None = None,
+) -> ServerInfo:
+    """``aprobe`` from sync code (the CLI); a loading server's progress is logged (a warning
+    every few seconds, which the CLI shows on stderr)."""
+    info: ServerInfo = run_sync(
+        lambda: aprobe(base_url, model, api_key=api_key, timeout_s=timeout_s, wait_s=wait_s)
+    )
+    return info
+
+
 def probe_replicas(
     base_urls: Sequence[str],
     model: str | None = None,
     *,
     api_key: str | None = None,
     timeout_s: float = 10.0,
+    wait_s: float | None = None,
 ) -> list[ServerInfo]:
-    """Probe every endpoint of a pool; refuse one that is down or serves another model (the
-    windows of one query may go to different replicas, so they must be the same model)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Probe every endpoint of a pool at once; refuse one that is down or serves another model
+    (the windows of one query may go to different replicas, so they must be the same model)."""
 
-    with ThreadPoolExecutor(max_workers=min(16, len(base_urls) or 1)) as pool:
-        infos = list(
-            pool.map(lambda url: probe(url, model, api_key=api_key, timeout_s=timeout_s), base_urls)
+    async def every() -> list[ServerInfo]:
+        return list(
+            await asyncio.gather(
+                *(
+                    aprobe(url, model, api_key=api_key, timeout_s=timeout_s, wait_s=wait_s)
+                    for url in base_urls
+                )
+            )
         )
+
+    infos: list[ServerInfo] = run_sync(every)
     models = {info.model for info in infos}
     if len(models) > 1:
         raise EndpointUnavailable(
@@ -240,14 +370,16 @@ def endpoint(
     local_parallel: int = 1,
     local_ctx: int = 4096,
     local_threads: int | None = None,
+    wait_s: float | None = None,
 ) -> Iterator[Endpoint]:
-    """A probed endpoint; without ``base_url`` the embedded llama.cpp server, stopped on exit."""
+    """A probed endpoint; without ``base_url`` the embedded llama.cpp server, stopped on exit.
+    A server still loading its model (503) is waited for up to ``wait_s`` seconds (10)."""
     if base_url and not isinstance(base_url, str):
-        infos = probe_replicas(base_url, model, api_key=os.environ.get(api_key_env))
+        infos = probe_replicas(base_url, model, api_key=os.environ.get(api_key_env), wait_s=wait_s)
         yield Endpoint(infos[0], replicas=infos if len(infos) > 1 else [])
         return
-    if base_url:
-        yield Endpoint(probe(base_url, model, api_key=os.environ.get(api_key_env)))
+    if isinstance(base_url, str) and base_url:
+        yield Endpoint(probe(base_url, model, api_key=os.environ.get(api_key_env), wait_s=wait_s))
         return
     from ..servers.llamacpp import LlamaServer
 
@@ -259,6 +391,10 @@ def endpoint(
     )
     try:
         server.start()
-        yield Endpoint(probe(server.base_url, None), server=server)
+        info = probe(server.base_url, None)
+        if info.identity is None:  # a build whose /props names no model file: we know it
+            found = model_file_identity(str(getattr(server, "model_path", "") or ""))
+            info.identity = f"llama.cpp:{found}" if found else None
+        yield Endpoint(info, server=server)
     finally:
         server.stop()

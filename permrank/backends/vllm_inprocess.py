@@ -17,6 +17,7 @@ process: a script that builds a Reranker with this backend at import time needs 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -70,7 +71,7 @@ class HfTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False)
         if len(ids) <= max_tokens:
             return text
-        return self._tok.decode(ids[: max(0, max_tokens)]).rstrip("\ufffd")
+        return str(self._tok.decode(ids[: max(0, max_tokens)])).rstrip("\ufffd")
 
 
 def structured_outputs_of(extra: dict[str, Any]) -> dict[str, Any] | None:
@@ -277,7 +278,7 @@ class VllmInProcessBackend:
                     self._fail(batch, exc)
                     raise
             try:
-                completions = await self._in_worker(lambda b=batch: self._generate(b))
+                completions = await self._in_worker(functools.partial(self._generate, batch))
             except asyncio.CancelledError:
                 self._fail(batch, BackendError("cancelled"))
                 raise

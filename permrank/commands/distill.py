@@ -9,13 +9,17 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from ..distill import (
+    CONFIG,
     FORMATS,
+    JOURNAL,
     PAIR_RULES,
+    STATS,
     GroupSampling,
     LabelOptions,
     LabelStore,
@@ -28,9 +32,21 @@ from ..evaluate import read_qrels
 from ..io import read_requests, validate_requests, write_json_atomic
 from ..manifest import build_manifest, now
 from ..rerank import Reranker
+from ..runstore import RunStore, file_sha256
 from ..types import Ranking, Request, Usage
 from . import scaleout
-from .rerank import add_model_options, add_run_options, limited, reranker_from_args, summary_lines
+from .rerank import (
+    add_model_options,
+    add_run_options,
+    limited,
+    reranker_from_args,
+    run_fingerprint,
+    session_usage,
+    summary_lines,
+)
+
+RUN_RECORD = "run.json"
+MANIFEST = "manifest.json"
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -77,6 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p,
         limit_help="only the first N queries",
         skip_help="left out and retried by the next run",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh (removes the labels in DIR); by default a run onto a folder of "
+        "labels resumes it, when it was made with the same teacher and options",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     g = p.add_argument_group("pairwise sampling (ranks are the teacher's, 1-based)")
@@ -177,6 +199,34 @@ def expand(requests: Iterator[Request], options: LabelOptions, done: set[str]) -
         yield from teacher_requests(request, options.shuffles, options.seed)
 
 
+def label_store(args: argparse.Namespace) -> RunStore:
+    """The folder of labels and the record of what made it (``DIR/run.json``)."""
+    out = Path(args.out)
+    journal = out / JOURNAL
+    store = RunStore(
+        out,
+        out / RUN_RECORD,
+        overwrite=args.overwrite,
+        flag="--out",
+        has_results=journal.is_file() and journal.stat().st_size > 0,
+    )
+    store.input_path = str(Path(args.input).resolve())
+    return store
+
+
+def clear_labels(out: Path) -> None:
+    """``--overwrite``: remove what an earlier run wrote in ``out`` (and nothing else)."""
+    if not out.is_dir():
+        return
+    names = {JOURNAL, CONFIG, STATS, RUN_RECORD, MANIFEST}
+    for path in out.iterdir():
+        ours = path.name in names or (
+            path.suffix == ".jsonl" and path.name.split("-")[0] in FORMATS
+        )
+        if ours and path.is_file():
+            path.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--depth", args.depth)):
         if value is not None and value < 1:
@@ -189,7 +239,17 @@ def run(args: argparse.Namespace) -> int:
         n_queries = min(n_queries, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
     teacher = teacher_from_args(args)
+    args.input_sha256 = file_sha256(args.input)
+    fingerprint = {
+        **run_fingerprint(args, teacher, resolved=True),
+        "labels": options.describe(),
+    }
+    record = label_store(args)
+    record.check(fingerprint)  # other teacher or options: refused, the folder untouched
+    if args.overwrite:
+        clear_labels(Path(args.out))
     store = LabelStore.open(args.out, options)
+    record.begin(fingerprint)
     already = sum(
         1
         for r in limited(read_requests(args.input), args.limit, args.depth)
@@ -197,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
     )
     started, t0 = now(), time.perf_counter()
     totals = Usage()
+    spent = Usage()
     failed: dict[str, str] = {}
     runs_per_query = options.shuffles + 1
     done_now = 0
@@ -225,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
                 yield request
 
         try:
-            stream = scaleout.rankings(args, teacher, remember(requests), teacher_from_args)
+            stream = scaleout.rankings(
+                args, teacher, remember(requests), teacher_from_args, spent=spent
+            )
             async for ranking in stream:
                 totals.add(ranking.usage)
                 runs.append(ranking)
@@ -242,26 +305,35 @@ def run(args: argparse.Namespace) -> int:
                     done_now += 1
                 runs, shown = [], []
                 bar.update(1)
-                bar.set_postfix(calls=totals.calls, failed=len(failed))
+                bar.set_postfix(calls=spent.calls, failed=len(failed))
+                record.checkpoint(session_usage(totals, spent), time.perf_counter() - t0)
         finally:
             await teacher.aclose()
 
     try:
         asyncio.run(go())
+    except KeyboardInterrupt:
+        args.interrupted_note = (
+            f"; {already + done_now} queries are in {args.out}: run the same command again "
+            "to resume"
+        )
+        raise
     finally:
         bar.close()
         seconds = time.perf_counter() - t0
         stats = store.write_stats(input_queries=n_queries, failed=sorted(failed))
         store.close()
+        session = session_usage(totals, spent)
+        record.finish(session, seconds)
         manifest = build_manifest(
             command="distill",
             parameters={"teacher": teacher.manifest(), "labels": options.describe()}
             | scaleout.executor_manifest(args),
-            totals=totals,
-            queries=done_now,
+            totals=record.totals(session),
+            queries=already + done_now,
             failed=failed,
             started=started,
-            seconds=seconds,
+            seconds=record.seconds(seconds),
             files={
                 "input": args.input,
                 "out": args.out,
@@ -269,10 +341,20 @@ def run(args: argparse.Namespace) -> int:
                 "limit": args.limit,
                 "depth": args.depth,
             },
+            extra={
+                "fingerprint": record.fingerprint,
+                "resumed_queries": already,
+                "this_run": {
+                    "queries": done_now,
+                    "seconds": round(seconds, 3),
+                    "totals": session.model_dump(),
+                    "earlier_sessions": record.sessions,
+                },
+            },
         )
-        write_json_atomic(f"{args.out}/manifest.json", manifest)
+        write_json_atomic(Path(args.out) / MANIFEST, manifest)
     if not args.quiet:
-        for line in summary_lines(totals, done_now, seconds):
+        for line in summary_lines(session, done_now, seconds):
             print(line)
         records = ", ".join(f"{fmt} {count}" for fmt, count in stats["records"].items())
         print(

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..backends.cache import default_cache_path
 from ..backends.probe import Endpoint, endpoint
-from ..errors import BackendError, ConfigError
+from ..errors import ConfigError, PermrankError
 from ..evaluate import evaluate, read_qrels
 from ..io import (
     OutputWriter,
@@ -36,6 +36,7 @@ from ..io import (
 from ..manifest import build_manifest, now
 from ..prompts import render_window
 from ..rerank import Reranker
+from ..runstore import RunStore, file_sha256, model_file_identity
 from ..strategies import STRATEGIES
 from ..types import Request, Usage
 from . import scaleout
@@ -93,11 +94,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--transport",
-        choices=("auto", "openai", "plain"),
+        choices=("auto", "openai", "aiohttp", "plain"),
         default="auto",
-        help="HTTP client: 'plain' (permrank's lean HTTP/1.1 client, a fraction of the CPU per "
-        "request), 'openai' (the openai SDK), 'auto' (plain for http:// without a proxy, "
+        help="HTTP client: 'aiohttp' (or 'plain': aiohttp, a fraction of the SDK's CPU per "
+        "request), 'openai' (the openai SDK), 'auto' (aiohttp for http:// without a proxy, "
         "else the SDK; the default)",
+    )
+    g.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=32 * 1024 * 1024,
+        help="the largest answer read from the endpoint; a larger one is an error (32 MiB)",
     )
     g.add_argument(
         "--cache",
@@ -212,7 +219,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=METHOD_NAMES,
         help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
         "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
-        "pairwise (A-or-B comparisons, PRP)",
+        "pairwise (A-or-B comparisons, PRP), score (a learned head's scores through the "
+        "endpoint's rerank API)",
     )
     g.add_argument(
         "--yes-score",
@@ -244,6 +252,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="pointwise/first/pairwise: ask /chat/completions (default) or /completions "
         "(base models)",
     )
+    g.add_argument(
+        "--score-api",
+        choices=("auto", "rerank", "tei", "score"),
+        help="score: the endpoint's API for a learned relevance head: rerank (Cohere/Jina/vLLM "
+        "/v1/rerank), tei (TEI /rerank), score (vLLM /score); auto finds what it serves",
+    )
+    g.add_argument("--score-batch", type=int, help="score: passages per rerank/score request (32)")
 
 
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
@@ -314,6 +329,8 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         timeout_s=args.timeout,
         max_retries=args.max_retries,
         transport=getattr(args, "transport", "auto"),
+        max_response_bytes=getattr(args, "max_response_bytes", 32 * 1024 * 1024),
+        server_info=info,
         tokenizer=tokenizer,
         constrain=constrain,
         cache=cache_path_of(args),
@@ -328,9 +345,42 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     return Reranker(**options)
 
 
+def embedded_model_file(args: argparse.Namespace) -> Path | None:
+    """The GGUF the embedded server will load, when the flags say it (None when unsure)."""
+    if args.base_url or getattr(args, "backend", "openai") == "vllm":
+        return None
+    local = getattr(args, "local_model", None)
+    if local:
+        return Path(local)
+    if args.model:  # a local model named by --model: the server says which file it loaded
+        return None
+    try:
+        from ..servers.llamacpp import default_model_path
+
+        return default_model_path()
+    except PermrankError:
+        return None
+
+
+def embedded_notice(args: argparse.Namespace) -> str:
+    """The first line of a run without ``--base-url``: which model, that it is local, and how
+    to use a real endpoint instead."""
+    path = embedded_model_file(args)
+    model = path.name if path is not None else (args.model or "the default local model")
+    return (
+        f"no --base-url: using the local model {model} on this machine (embedded llama.cpp, "
+        "CPU; a small model, for trying permrank). For a real model give --base-url URL "
+        "--model NAME of an OpenAI-compatible endpoint (vLLM, llama.cpp's server, OpenAI)."
+    )
+
+
 @contextlib.contextmanager
 def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
     """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
+    quiet = getattr(args, "quiet", False)
+    if not args.base_url and not getattr(args, "notice_shown", False):
+        print(embedded_notice(args), file=sys.stderr, flush=True)  # before the slow start
+        args.notice_shown = True
     with endpoint(
         scaleout.probe_target(args),
         args.model,
@@ -338,10 +388,11 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         local_model=getattr(args, "local_model", None),
         local_parallel=getattr(args, "local_parallel", 1),
         local_ctx=getattr(args, "local_ctx", 4096),
+        wait_s=getattr(args, "timeout", None),
     ) as found:
-        if found.server is not None and not getattr(args, "quiet", False):
+        if found.server is not None and not quiet:
             print(
-                f"no --base-url: started llama.cpp with {found.server.model_path.name} at "
+                f"started llama.cpp with {found.server.model_path.name} at "
                 f"{found.base_url} (stopped when the run ends)",
                 file=sys.stderr,
             )
@@ -359,9 +410,11 @@ def run_on_endpoint(args: argparse.Namespace) -> int:
         return run(args, prepared)
 
 
-def check_settings(args: argparse.Namespace) -> None:
-    """Build (and drop) a Reranker from the flags alone: no server is asked or started."""
-    reranker_from_args(
+def check_settings(args: argparse.Namespace) -> Reranker:
+    """Build a Reranker from the flags alone: no server is asked or started, no model loaded."""
+    if getattr(args, "backend", "openai") == "vllm":
+        args = argparse.Namespace(**{**vars(args), "backend": "openai"})
+    return reranker_from_args(
         args,
         base_url=args.base_url or "http://127.0.0.1:9/v1",
         model=args.model or "unchecked",
@@ -523,9 +576,77 @@ def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] |
     scaleout.check(args)
     n_queries, _ = validate_requests(args.input, args.limit)
     qrels = read_qrels(args.qrels) if args.qrels else None
-    if getattr(args, "endpoint", None) is None and getattr(args, "backend", "openai") != "vllm":
-        check_settings(args)
+    args.input_sha256 = file_sha256(args.input)
+    reranker = check_settings(args)
+    # An output made with other settings is refused now: before any server starts.
+    run_store(args).check(run_fingerprint(args, reranker, resolved=False), complete=False)
     return n_queries, qrels
+
+
+def run_store(args: argparse.Namespace) -> RunStore:
+    """The output and the record of what made it (``OUTPUT.run.json``)."""
+    store = RunStore(
+        args.output, f"{args.output}.run.json", overwrite=args.overwrite, flag="--output"
+    )
+    store.input_path = str(Path(args.input).resolve())
+    return store
+
+
+def endpoint_identity(args: argparse.Namespace, resolved: bool) -> str | None:
+    """Where answers come from: the endpoint's URL, or the local model file's identity (never
+    the embedded server's random port); None when not known before the endpoint is."""
+    if getattr(args, "backend", "openai") == "vllm":
+        return f"vllm in this process: {args.model or '(the default model folder)'}"
+    found: Endpoint | None = getattr(args, "endpoint", None)
+    if resolved and found is not None:
+        if found.server is not None:
+            return model_file_identity(found.server.model_path)
+        return found.base_url.rstrip("/")
+    if args.base_url:
+        return str(args.base_url).rstrip("/")
+    path = embedded_model_file(args)
+    return model_file_identity(path) if path is not None and path.is_file() else None
+
+
+def run_fingerprint(args: argparse.Namespace, reranker: Reranker, *, resolved: bool) -> dict:
+    """Every setting that decides an output's results (see ``permrank.runstore``).
+
+    ``resolved=False``: what the flags alone decide (before a server is started or probed);
+    ``resolved=True``: also what the endpoint decided (model, context window, tokenizer)."""
+    pipeline = reranker.pipeline
+    budget = {k: v for k, v in vars(pipeline.budget).items() if k != "context_window"}
+    sampling = pipeline.sampling
+    fingerprint: dict[str, Any] = {
+        "input": {"sha256": args.input_sha256},
+        "depth": args.depth,
+        "template": {"name": reranker.template.name, "sha256": reranker.template.sha256},
+        "strategy": {"name": type(reranker.strategy).__name__, **vars(reranker.strategy)},
+        "method": pipeline.method.describe() if pipeline.method else {"name": "listwise"},
+        "sampling": {
+            "temperature": sampling.temperature,
+            "seed": sampling.seed,
+            "max_tokens": sampling.max_tokens,
+            "extra": sampling.extra,
+        },
+        "budget": budget,
+    }
+    identity = endpoint_identity(args, resolved)
+    if identity is not None:
+        fingerprint["endpoint"] = identity
+    if resolved:
+        found: Endpoint | None = getattr(args, "endpoint", None)
+        fingerprint["model"] = found.model if found is not None else args.model
+        fingerprint["budget"]["context_window"] = pipeline.budget.context_window
+        fingerprint["tokenizer"] = pipeline.tokenizer.name
+        fingerprint["constrain"] = reranker.constrain
+    else:
+        if args.model and (args.base_url or getattr(args, "backend", "openai") == "vllm"):
+            fingerprint["model"] = args.model
+        if args.context_window is not None:
+            fingerprint["budget"]["context_window"] = args.context_window
+        if getattr(args, "constrain", None) != "auto":
+            fingerprint["constrain"] = getattr(args, "constrain", None)
+    return fingerprint
 
 
 def run(
@@ -535,15 +656,20 @@ def run(
     n_queries, qrels = prepared if prepared is not None else precheck(args)
     reranker = reranker_from_args(args, on_error=args.on_error)
     check_prompt_fits(reranker)  # the endpoint was probed before (backends.probe)
+    store = run_store(args)
+    fingerprint = run_fingerprint(args, reranker, resolved=True)
+    store.check(fingerprint)  # what the endpoint decided (model, context): still no call made
     done_before = prepare_outputs(args)
+    store.begin(fingerprint)
     if done_before and not args.quiet:
         print(
-            f"resuming: {len(done_before)} queries already in {args.output} "
-            "(--overwrite starts afresh)",
+            f"resuming: {len(done_before)} queries already in {args.output}, made with the same "
+            "settings (--overwrite starts afresh)",
             file=sys.stderr,
         )
     started, t0 = now(), time.perf_counter()
-    totals = Usage()
+    totals = Usage()  # this session's finished queries (failed ones included)
+    spent = Usage()  # every answer of this session as it arrived, finished queries or not
     failed: dict[str, str] = {}
     stopped_by: str | None = None
     done = 0
@@ -560,7 +686,7 @@ def run(
         nonlocal done
         try:
             stream = scaleout.rankings(
-                args, reranker, requests, reranker_from_args, on_error=args.on_error
+                args, reranker, requests, reranker_from_args, on_error=args.on_error, spent=spent
             )
             async for ranking in stream:
                 out.write(ranking_line(ranking))  # the JSONL first: it is what a resume reads
@@ -572,21 +698,29 @@ def run(
                     failed[ranking.query.qid] = ranking.error
                 done += 1
                 bar.update(1)
-                bar.set_postfix(calls=totals.calls, tokens=totals.total_tokens)
+                bar.set_postfix(calls=spent.calls, tokens=spent.total_tokens)
+                store.checkpoint(session_usage(totals, spent), time.perf_counter() - t0)
         finally:
             await reranker.aclose()
 
     try:
         bar.update(min(len(done_before), n_queries))
         asyncio.run(go())
-    except BackendError as exc:
+    except PermrankError as exc:
         qid = getattr(exc, "qid", None)
         if qid is not None:
             failed[str(qid)] = str(exc)
+            usage = getattr(exc, "usage", None)
+            if usage is not None:
+                totals.add(usage)
         stopped_by = str(exc)
         raise
     except KeyboardInterrupt:
         stopped_by = "interrupted"
+        args.interrupted_note = (
+            f"; {len(done_before) + done} queries are in {args.output} and the calls spent are "
+            "counted in its manifest: run the same command again to resume"
+        )
         raise
     except BaseException as exc:
         stopped_by = f"{type(exc).__name__}: {exc}"
@@ -597,16 +731,18 @@ def run(
         if trec:
             trec.close()
         seconds = time.perf_counter() - t0
+        session = session_usage(totals, spent)
+        store.finish(session, seconds)
         manifest = build_manifest(
             command="rerank",
             parameters=reranker.manifest()
             | endpoint_manifest(args)
             | scaleout.executor_manifest(args),
-            totals=totals,
-            queries=done,
+            totals=store.totals(session),
+            queries=len(done_before) + done,
             failed=failed,
             started=started,
-            seconds=seconds,
+            seconds=store.seconds(seconds),
             files={
                 "input": args.input,
                 "output": args.output,
@@ -615,17 +751,32 @@ def run(
                 "depth": args.depth,
             },
             extra={
+                "fingerprint": store.fingerprint,
+                "input_sha256": args.input_sha256,
                 "resumed_queries": len(done_before),
+                "this_run": {
+                    "queries": done,
+                    "seconds": round(seconds, 3),
+                    "totals": session.model_dump(),
+                    "earlier_sessions": store.sessions,
+                },
                 "stopped_by": stopped_by,
                 "complete": stopped_by is None,
             },
         )
         write_json_atomic(args.manifest or f"{args.output}.manifest.json", manifest)
     if not args.quiet:
-        for line in summary_lines(totals, done, seconds):
+        for line in summary_lines(session, done, seconds):
             print(line)
+        if done_before:
+            whole = store.totals(session)
+            print(
+                f"with the earlier runs of {args.output}: {len(done_before) + done} queries, "
+                f"{whole.calls} calls, {whole.total_tokens} tokens, "
+                f"{store.seconds(seconds):.1f} s"
+            )
         if reranker.constrain:
-            print(constrain_line(reranker.constrain, totals))
+            print(constrain_line(reranker.constrain, session))
         if qrels is not None:
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
@@ -634,6 +785,15 @@ def run(
         if failed:
             print(f"{len(failed)} queries failed (input order kept): {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def session_usage(finished: Usage, spent: Usage) -> Usage:
+    """A session's totals: rounds, repairs and failures of the finished queries; calls, tokens
+    and latency of every answer that arrived (so an interrupted run counts what it spent)."""
+    usage = finished.model_copy(deep=True)
+    for name in ("calls", "cached_calls", "prompt_tokens", "completion_tokens", "latency_s"):
+        setattr(usage, name, max(getattr(finished, name), getattr(spent, name)))
+    return usage
 
 
 def run_of_output(path: str) -> dict[str, dict[str, float]]:
@@ -659,6 +819,8 @@ METHOD_FLAGS = {
     "pairwise_k": "k",
     "top_logprobs": "top_logprobs",
     "route": "route",
+    "score_api": "api",
+    "score_batch": "batch",
 }
 
 

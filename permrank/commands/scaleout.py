@@ -20,7 +20,7 @@ from typing import Any
 
 from ..backends.pool import read_endpoints
 from ..errors import ConfigError
-from ..types import Ranking, Request
+from ..types import Ranking, Request, Usage
 
 
 class BaseUrlAction(argparse.Action):
@@ -155,13 +155,15 @@ async def rankings(
     reranker: Any,
     requests: Iterable[Request],
     factory: Callable[..., Any],
+    *,
+    spent: Usage | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Ranking]:
     """The rankings of ``requests`` in input order: ``reranker.astream`` here, or with
     ``--ray`` actors each holding ``factory(args, **overrides)`` (built on its worker)."""
     address = getattr(args, "ray", None)
     if not address:
-        async for ranking in reranker.astream(requests):
+        async for ranking in reranker.astream(requests, spent=spent):
             yield ranking
         return
     from .. import distributed
@@ -192,6 +194,8 @@ async def rankings(
             args.executor["worker_pids"] = [await ref for ref in [a.pid.remote() for a in pool]]
             args.executor["startup_s"] = round(time.perf_counter() - started, 3)
             async for ranking in distributed.stream_on_ray(pool, requests, block_size=block_size):
+                if spent is not None:  # an actor's answers arrive with its finished block
+                    spent.add(ranking.usage)
                 yield ranking
         finally:
             with contextlib.suppress(Exception):

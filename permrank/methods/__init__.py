@@ -7,7 +7,9 @@
 - ``likelihood``: the query after "Passage: ... write a question" (UPR), scored by the mean
   logprob of the query's tokens;
 - ``first``: the listwise window with ``max_tokens=1``, ordered by the identifiers' logprobs;
-- ``pairwise``: "Passage A or Passage B?" in both orders (PRP), from the answer's logprobs.
+- ``pairwise``: "Passage A or Passage B?" in both orders (PRP), from the answer's logprobs;
+- ``score``: a learned relevance head's scores through the endpoint's rerank API (Cohere/Jina/
+  vLLM ``/rerank``, TEI ``/rerank``, vLLM ``/score``).
 
 A method is a value a user names: ``get_method("pairwise", aggregation="heap", k=10)``.
 """
@@ -23,12 +25,14 @@ from .likelihood import Likelihood
 from .logprobs import LogprobsUnavailable
 from .pairwise import Pairwise
 from .pointwise import Pointwise
+from .score import Score
 
 METHODS: dict[str, type] = {
     "pointwise": Pointwise,
     "likelihood": Likelihood,
     "first": First,
     "pairwise": Pairwise,
+    "score": Score,
 }
 METHOD_NAMES = ("listwise", *METHODS)
 SHARED_OPTIONS = ("top_k",)
@@ -68,5 +72,6 @@ __all__ = [
     "Pairwise",
     "PassageScorer",
     "Pointwise",
+    "Score",
     "get_method",
 ]

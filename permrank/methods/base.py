@@ -9,15 +9,12 @@ so a Backend wrapper (a cache, a recorder) sees and can answer it like any chat 
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import ConfigError
-from ..types import Candidate, Completion, Query, Ranking, RepairReport, Request, WindowTrace
+from ..types import Candidate, Exchange, Query, Ranking, RepairReport, Request, WindowTrace
 from .logprobs import TokenLogprob, generated_tokens, require_logprobs
 
 if TYPE_CHECKING:
@@ -38,8 +35,11 @@ class Method(Protocol):
 class PassageScorer(Protocol):
     """Scores one passage for one query; higher is more relevant."""
 
-    name: str
-    top_k: int | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def top_k(self) -> int | None: ...
 
     async def score(
         self, pipeline: Pipeline, query: Query, candidate: Candidate
@@ -57,51 +57,41 @@ class Call:
     prompt_tokens: int
     completion_tokens: int
     cached: bool
+    queued_s: float = 0.0
+    retries: int = 0
 
 
-def request_key(endpoint: str, model: str, route: str, body: dict[str, Any]) -> str:
-    """SHA-256 of everything that decides a raw request's answer (canonical JSON)."""
-    material = {"endpoint": endpoint, "model": model, "route": route, "body": body}
-    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return "request:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+async def exchange(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Exchange:
+    """POST ``body`` to ``route`` through the backend: an ``Exchange``
+    (the JSON answer, time on the wire, time queued, retries, from a cache or not).
+
+    A backend with a response cache (``permrank.backends.cache.CachingBackend``) keeps the whole
+    JSON answer, so a repeated run asks nothing again. A wrapper may also answer ``request``
+    itself and mark the answer ``"cached": true``."""
+    backend = pipeline.backend
+    ask = getattr(backend, "exchange", None)
+    if ask is not None:
+        done: Exchange = await ask(route, body)
+    else:
+        request = getattr(backend, "request", None)
+        if request is None:
+            raise ConfigError(
+                f"backend {type(backend).__name__} cannot send raw requests (no request(route, "
+                "body)); scoring methods other than listwise need an OpenAI-compatible backend"
+            )
+        answer, latency = await request(route, body)
+        done = Exchange(answer=answer, latency_s=latency)
+    if not done.cached and isinstance(done.answer, dict) and done.answer.get("cached"):
+        done.cached = True
+    return done
 
 
 async def send(
     pipeline: Pipeline, route: str, body: dict[str, Any]
 ) -> tuple[dict[str, Any], float, bool]:
-    """POST ``body`` to ``route`` through the backend: (JSON answer, latency, from cache).
-
-    When the backend keeps a response cache (``backend.cache`` with ``get(key)`` and
-    ``put(key, model, Completion)``, as ``permrank.backends.cache.CachingBackend`` does), the
-    whole JSON answer is kept in it under a key of the endpoint, model, route and body, so a
-    repeated run asks nothing again. A wrapper may also answer ``request`` itself and mark the
-    answer ``"cached": true``.
-    """
-    backend = pipeline.backend
-    request = getattr(backend, "request", None)
-    if request is None:
-        raise ConfigError(
-            f"backend {type(backend).__name__} cannot send raw requests (no request(route, "
-            "body)); scoring methods other than listwise need an OpenAI-compatible backend"
-        )
-    cache = getattr(backend, "cache", None)
-    if not (callable(getattr(cache, "get", None)) and callable(getattr(cache, "put", None))):
-        cache = None
-    key = request_key(getattr(backend, "endpoint", ""), backend.model, route, body)
-    if cache is not None:
-        found = cache.get(key)
-        if found is not None:
-            return json.loads(found.text), 0.0, True
-    answer, latency = await request(route, body)
-    if cache is not None:
-        usage = answer.get("usage") or {}
-        kept = Completion(
-            text=json.dumps(answer, ensure_ascii=False),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        )
-        cache.put(key, backend.model, kept)
-    return answer, latency, bool(answer.get("cached"))
+    """POST ``body`` to ``route`` through the backend: (JSON answer, latency, from cache)."""
+    done = await exchange(pipeline, route, body)
+    return done.answer, done.latency_s, done.cached
 
 
 async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
@@ -112,17 +102,27 @@ async def call(pipeline: Pipeline, route: str, body: dict[str, Any]) -> Call:
     if sampling.seed is not None:
         full["seed"] = sampling.seed
     full.update(sampling.extra)
-    answer, latency, cached = await send(pipeline, route, full)
+    done = await exchange(pipeline, route, full)
+    answer = done.answer
     choice = (answer.get("choices") or [{}])[0] or {}
     usage = answer.get("usage") or {}
+    from ..rerank import count_call  # the query's spend, kept even if it fails later
+
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    count_call(
+        prompt_tokens, completion_tokens, done.latency_s, done.cached, done.queued_s, done.retries
+    )
     return Call(
         answer=answer,
         choice=choice,
         route=route,
-        latency_s=latency,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        cached=cached,
+        latency_s=done.latency_s,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cached=done.cached,
+        queued_s=done.queued_s,
+        retries=done.retries,
     )
 
 
@@ -186,6 +186,8 @@ def trace_of(
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
         latency_s=c.latency_s,
+        queued_seconds=c.queued_s,
+        retries=c.retries,
         cached=c.cached,
         score=score,
     )
@@ -240,8 +242,10 @@ async def rerank_by_scores(scorer: PassageScorer, pipeline: Pipeline, request: R
     started = time.perf_counter()
     n = len(request.candidates)
     m = n if scorer.top_k is None else min(scorer.top_k, n)
-    results = await asyncio.gather(
-        *(scorer.score(pipeline, request.query, c) for c in request.candidates[:m])
+    from ..rerank import all_or_none  # one fails: the others are cancelled, not billed
+
+    results = await all_or_none(
+        scorer.score(pipeline, request.query, c) for c in request.candidates[:m]
     )
     scores = [s for s, _ in results]
     order = sorted(range(m), key=lambda i: (-scores[i], i)) + list(range(m, n))

@@ -138,7 +138,9 @@ async def drive_pairs(
         while True:
             new = list(dict.fromkeys(p for p in batch if p not in known and p[::-1] not in known))
             if new:
-                answers = await asyncio.gather(*(prefer(i, j, rounds) for i, j in new))
+                from ..rerank import all_or_none  # one fails: the others are cancelled
+
+                answers = await all_or_none(prefer(i, j, rounds) for i, j in new)
                 known.update(zip(new, answers, strict=True))
                 rounds += 1
             batch = plan.send([known[p] if p in known else 1.0 - known[p[::-1]] for p in batch])
@@ -229,7 +231,9 @@ class Pairwise:
             asks = [self._ask(pipeline, request, i, j, round_index)]
             if self.both_orders:
                 asks.append(self._ask(pipeline, request, j, i, round_index))
-            answers = await asyncio.gather(*asks)
+            from ..rerank import all_or_none
+
+            answers = await all_or_none(asks)
             trace.extend(t for _, t in answers)
             if len(answers) == 1:
                 return answers[0][0]

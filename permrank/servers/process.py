@@ -344,7 +344,14 @@ class ManagedServer:
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _group_alive(pgid):
-            log.warning("%s (process group %s) ignored SIGTERM; killing it", self.name, pgid)
+            # Our own child, stopped on purpose (often mid-request, after a Ctrl-C): killing it
+            # is the plan, not news for the user.
+            log.info(
+                "%s (process group %s) still running %.0f s after SIGTERM; killing it",
+                self.name,
+                pgid,
+                self.terminate_grace_s,
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
         process.wait()

@@ -116,14 +116,15 @@ class Tournament:
                 return copeland_order(survivors, answers) + rank_dropped(dropped) + rest
             groups = self._windows(chains)
             asked = [g for g in groups if len(g) > 1]
-            answers = iter((yield [[c for chain in g for c in chain] for g in asked]))
-            chains, level = [], []
+            replies = iter((yield [[c for chain in g for c in chain] for g in asked]))
+            chains = []
+            level: list[tuple[int, int]] = []
             for group in groups:
                 if len(group) == 1:  # a chain alone waits: it is already in order
                     chains.append(group[0])
                     continue
                 window = [c for chain in group for c in chain]
-                answer = next(answers)
+                answer = next(replies)
                 check_answer(window, answer)
                 chains.append(list(answer[:k]))
                 level.extend((place, c) for place, c in enumerate(answer) if place >= k)
