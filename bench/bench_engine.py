@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_strategies import DATA, STRATEGY_RUNS, load  # noqa: E402
 
-from permrank.simnoise import Noise, judge_order  # noqa: E402
-from permrank.simulator import Corpus, find_passages, prompt_text  # noqa: E402
-from permrank.types import Completion  # noqa: E402
+from permrank.core.types import Completion
+from permrank.sim.noise import Noise, judge_order
+from permrank.sim.state import Corpus, find_passages, prompt_text
 
 
 class QrelsBackend:
@@ -78,7 +78,7 @@ class QrelsBackend:
 
 def measure(requests: list[Any], corpus: Corpus, options: dict[str, Any]) -> dict[str, float]:
     """Rerank every query one after another (no overlap) and split judge and engine time."""
-    from permrank.rerank import Reranker
+    from permrank.engine.reranker import Reranker
 
     backend = QrelsBackend(corpus)
     reranker = Reranker(backend=backend, **options)

@@ -32,9 +32,9 @@ import httpx
 from permrank import Reranker
 from permrank.backends.openai import OpenAIBackend
 from permrank.backends.probe import probe
-from permrank.io import read_requests
+from permrank.core.types import Completion, Request
+from permrank.runs.io import read_requests
 from permrank.servers.llamacpp import LlamaServer
-from permrank.types import Completion, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "trec-dl19" / "candidates.jsonl"

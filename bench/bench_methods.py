@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from permrank.evaluate import evaluate, read_qrels, run_of
-from permrank.io import read_requests
-from permrank.rerank import Reranker
-from permrank.simulator import Corpus, Noise, Simulator
-from permrank.types import Request, Usage
+from permrank.core.types import Request, Usage
+from permrank.engine.reranker import Reranker
+from permrank.runs.evaluate import evaluate, read_qrels, run_of
+from permrank.runs.io import read_requests
+from permrank.sim.server import Corpus, Noise, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19 = ROOT.parent / "shared" / "data" / "trec-dl19"

@@ -185,7 +185,7 @@ def fixed_copy(python: Path, folder: Path, cache_dir: Path, into: Path) -> Path:
 
 
 def ndcg_of_run(run: dict[str, list[str]], qrels: dict) -> float:
-    from permrank.evaluate import evaluate
+    from permrank.runs.evaluate import evaluate
 
     scored = {qid: {d: float(len(ds) - i) for i, d in enumerate(ds)} for qid, ds in run.items()}
     return evaluate(scored, qrels, ["nDCG@10"])["nDCG@10"]

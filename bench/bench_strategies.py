@@ -37,7 +37,7 @@ NOISES = {
     "miss": "miss:0.05",
     "attention": "attention:10",
 }
-"""Noise models by name: the spec each is run with (see ``permrank.simnoise``)."""
+"""Noise models by name: the spec each is run with (see ``permrank.sim.noise``)."""
 
 STRATEGY_RUNS: dict[str, dict[str, Any]] = {
     "sliding": {"strategy": "sliding", "window_size": 20, "step": 10},
@@ -120,15 +120,15 @@ class SimulatorProcess:
 
 
 def load(data: Path) -> tuple[list[Any], dict[str, dict[str, int]]]:
-    from permrank.evaluate import read_qrels
-    from permrank.io import read_requests
+    from permrank.runs.evaluate import read_qrels
+    from permrank.runs.io import read_requests
 
     path = next(p for p in (data / "candidates.jsonl", data / "candidates.jsonl.gz") if p.exists())
     return list(read_requests(path)), read_qrels(data / "qrels.txt")
 
 
 def ndcg10(rankings: list[Any], qrels: dict[str, dict[str, int]]) -> float:
-    from permrank.evaluate import evaluate, run_of
+    from permrank.runs.evaluate import evaluate, run_of
 
     return evaluate(run_of(rankings), qrels, ["nDCG@10"])["nDCG@10"]
 
@@ -137,7 +137,7 @@ def run_permrank(
     base_url: str, requests: list[Any], options: dict[str, Any], concurrency: int
 ) -> tuple[list[Any], float]:
     """Rerank ``requests`` through ``base_url``; the Rankings and the wall time."""
-    from permrank.rerank import Reranker
+    from permrank.engine.reranker import Reranker
 
     async def go() -> tuple[list[Any], float]:
         started = time.perf_counter()  # cold, as a user runs it: tokenizer and client included

@@ -32,11 +32,11 @@ from typing import Any
 import httpx
 
 from permrank.backends.vllm_inprocess import HfTokenizer, VllmInProcessBackend
-from permrank.commands.models import default_model_dir
-from permrank.io import read_requests
-from permrank.rerank import Reranker
+from permrank.cli.models import default_model_dir
+from permrank.core.types import Completion, Request
+from permrank.engine.reranker import Reranker
+from permrank.runs.io import read_requests
 from permrank.servers.vllm import VllmServer
-from permrank.types import Completion, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -40,11 +40,9 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from permrank import Reranker  # noqa: E402
-from permrank.cli import main as permrank_main  # noqa: E402
-from permrank.distill import read_records  # noqa: E402
-from permrank.evaluate import evaluate, read_qrels  # noqa: E402
-from permrank.io import read_requests  # noqa: E402
-from permrank.losses import (  # noqa: E402
+from permrank.cli.main import main as permrank_main  # noqa: E402
+from permrank.distill.labels import read_records  # noqa: E402
+from permrank.distill.train.losses import (  # noqa: E402
     grouped_softmax_loss,
     lambda_loss,
     listmle_loss,
@@ -53,7 +51,9 @@ from permrank.losses import (  # noqa: E402
     rank_labels,
     ranknet_loss,
 )
-from permrank.simulator import Corpus, Noise, Simulator  # noqa: E402
+from permrank.runs.evaluate import evaluate, read_qrels  # noqa: E402
+from permrank.runs.io import read_requests  # noqa: E402
+from permrank.sim.server import Corpus, Noise, Simulator  # noqa: E402
 
 LIST_LOSSES = {
     "ranknet": lambda s, y: ranknet_loss(s, y),

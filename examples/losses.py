@@ -8,7 +8,13 @@ from the teacher's order) and a mask, so that lists of unequal length share one 
 
 import torch
 
-from permrank.losses import lambda_loss, listmle_loss, listnet_loss, pad_lists, rank_labels
+from permrank.distill.train.losses import (
+    lambda_loss,
+    listmle_loss,
+    listnet_loss,
+    pad_lists,
+    rank_labels,
+)
 
 # Two queries: the student's scores of each query's candidates, listed in the teacher's order.
 scores, mask = pad_lists([[0.3, 1.2, -0.5], [2.0, 0.1]])

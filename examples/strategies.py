@@ -10,7 +10,7 @@ every window perfectly; each strategy must then put the true top 10 first, in or
 import random
 
 from permrank import SlidingWindow, get_strategy
-from permrank.strategies import run_plan
+from permrank.core.strategies import run_plan
 
 rng = random.Random(0)
 # hidden relevance of candidates 0..99; like a first stage, the input order is roughly right

@@ -8,7 +8,7 @@ ranking.candidates  # most relevant first
 
 __version__ = "0.1.0"  # before the imports: modules below read it
 
-from .errors import (
+from permrank.core.errors import (
     BackendError,
     ConfigError,
     EndpointUnavailable,
@@ -16,11 +16,19 @@ from .errors import (
     PermrankError,
     TemplateError,
 )
-from .parse import parse_permutation
-from .prompts import load_template
-from .rerank import Reranker
-from .strategies import SlidingWindow, get_strategy
-from .types import Candidate, Query, Ranking, RepairReport, Request, Usage, WindowTrace
+from permrank.core.parse import parse_permutation
+from permrank.core.prompts import load_template
+from permrank.core.strategies import SlidingWindow, get_strategy
+from permrank.core.types import (
+    Candidate,
+    Query,
+    Ranking,
+    RepairReport,
+    Request,
+    Usage,
+    WindowTrace,
+)
+from permrank.engine.reranker import Reranker
 
 __all__ = [
     "BackendError",

@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BackendError, ConfigError
-from .types import Ranking, Request
+from permrank.core.errors import BackendError, ConfigError
+from permrank.core.types import Ranking, Request
 
 log = logging.getLogger(__name__)
 
@@ -231,12 +231,12 @@ class DatasetReranker:
     """``map_batches`` callable: a batch of query rows -> the same rows reranked."""
 
     def __init__(self, options: dict[str, Any]):
-        from .rerank import Reranker
+        from permrank.engine.reranker import Reranker
 
         self.reranker = Reranker(**options)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from .io import parse_request, ranking_record
+        from permrank.runs.io import parse_request, ranking_record
 
         columns = list(batch)
         size = len(batch[columns[0]]) if columns else 0

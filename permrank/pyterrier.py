@@ -17,7 +17,7 @@ first-stage order (by ``rank`` when the frame has it, else by ``score`` descendi
 come), and returns every row with a new ``score`` and ``rank`` (rank 0 = highest score), best
 first within each query, other columns kept. The queries of one frame are reranked concurrently
 (within the endpoint's concurrency). ``score`` is the model's own for scoring methods, else
-rank-derived (``permrank.methods.score.relevance_scores``).
+rank-derived (``permrank.engine.methods.score.relevance_scores``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 import pandas as pd
 import pyterrier as pt
 
-from .errors import ConfigError
-from .methods.score import SCORING_METHODS, relevance_scores
-from .rerank import Reranker
-from .types import Candidate, Query, Request
+from permrank.core.errors import ConfigError
+from permrank.core.types import Candidate, Query, Request
+from permrank.engine.methods.score import SCORING_METHODS, relevance_scores
+from permrank.engine.reranker import Reranker
 
 __all__ = ["PermRank"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from permrank.simulator import Corpus, Simulator
+from permrank.sim.server import Corpus, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"

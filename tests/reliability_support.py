@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from permrank.cli import main
-from permrank.simulator import Corpus, Simulator
+from permrank.cli.main import main
+from permrank.sim.server import Corpus, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "dl19-5q"

@@ -7,7 +7,7 @@ import time
 
 import uvicorn
 
-from permrank.rerank import Reranker
+from permrank.engine.reranker import Reranker
 from permrank.servers.process import free_port
 from permrank.service import ServiceOptions, create_app
 

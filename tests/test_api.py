@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from permrank import Candidate, Reranker
-from permrank.io import read_requests
-from permrank.simulator import Simulator
-from permrank.types import Request
+from permrank.core.types import Request
+from permrank.runs.io import read_requests
+from permrank.sim.server import Simulator
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from reliability_support import (
 
 from permrank.backends.cache import CachingBackend, ResponseCache, cache_key, default_cache_path
 from permrank.backends.openai import OpenAIBackend
-from permrank.types import Completion
+from permrank.core.types import Completion
 
 MESSAGES = [{"role": "user", "content": "rank [1] a [2] b"}]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from permrank.cli import build_parser, main
-from permrank.evaluate import evaluate, read_qrels, read_run
-from permrank.io import read_requests
-from permrank.simulator import Simulator
+from permrank.cli.main import build_parser, main
+from permrank.runs.evaluate import evaluate, read_qrels, read_run
+from permrank.runs.io import read_requests
+from permrank.sim.server import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 

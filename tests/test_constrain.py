@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from permrank.constrain import (
+from permrank.core.constrain import (
     EXACT_GRAMMAR_MAX,
     EXACT_REGEX_MAX,
     check_mode,
@@ -19,8 +19,8 @@ from permrank.constrain import (
     permutation_regex,
     window_fields,
 )
-from permrank.errors import ConfigError
-from permrank.parse import parse_permutation
+from permrank.core.errors import ConfigError
+from permrank.core.parse import parse_permutation
 
 
 def gbnf_language(grammar: str) -> set[str]:

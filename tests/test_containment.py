@@ -11,9 +11,9 @@ import pytest
 from reliability_support import CANDIDATES, read_jsonl, rerank_argv, run_cli, simulator
 
 from permrank import Reranker
-from permrank.io import read_requests
-from permrank.simfaults import Faults, _query_of
-from permrank.types import Query, Request
+from permrank.core.types import Query, Request
+from permrank.runs.io import read_requests
+from permrank.sim.faults import Faults, _query_of
 
 QIDS = [r["qid"] for r in read_jsonl(CANDIDATES)]
 

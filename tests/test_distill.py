@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from permrank.cli import main
-from permrank.distill import (
+from permrank.cli.main import main
+from permrank.core.errors import ConfigError
+from permrank.core.types import Candidate, Query, Ranking, Request
+from permrank.distill.labels import (
     GroupSampling,
     LabelOptions,
     LabelStore,
@@ -26,9 +28,7 @@ from permrank.distill import (
     sample_pairs,
     teacher_requests,
 )
-from permrank.errors import ConfigError
-from permrank.simulator import Corpus, Noise, Simulator
-from permrank.types import Candidate, Query, Ranking, Request
+from permrank.sim.server import Corpus, Noise, Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PERMRANK_DATA", ROOT.parent / "shared" / "data"))
@@ -338,8 +338,8 @@ def test_the_core_install_pulls_no_torch() -> None:
     assert not [d for d in project["dependencies"] if d.lower().startswith("torch")]
     assert "torch==2.13.0" in project["optional-dependencies"]["train"]
     code = (
-        "import sys, permrank, permrank.cli, permrank.distill, permrank.commands.distill\n"
-        "permrank.cli.build_parser()\n"
+        "import sys, permrank, permrank.cli.main, permrank.distill.labels, permrank.cli.distill\n"
+        "permrank.cli.main.build_parser()\n"
         "assert 'torch' not in sys.modules, 'torch imported by the core'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

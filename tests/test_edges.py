@@ -19,9 +19,11 @@ from test_http import ANSWER, MESSAGES, raw_servers
 from permrank.backends.cache import CachingBackend, ResponseCache
 from permrank.backends.openai import OpenAIBackend
 from permrank.backends.probe import probe
-from permrank.errors import EndpointUnavailable
-from permrank.rerank import MemoTokenizer, Reranker
-from permrank.tokens import ApproximateTokenizer, ByteBoundedMemo, ServerTokenizer
+from permrank.backends.tokenizer import ServerTokenizer
+from permrank.core.errors import EndpointUnavailable
+from permrank.core.tokens import ApproximateTokenizer, ByteBoundedMemo
+from permrank.engine.pipeline import MemoTokenizer
+from permrank.engine.reranker import Reranker
 
 
 @pytest.fixture
@@ -170,7 +172,7 @@ def test_an_embedded_model_is_found_in_the_cache_on_another_port(raw: Any, tmp_p
 def test_a_cli_rerun_on_another_port_of_the_same_model_file_is_answered_from_the_cache(
     raw: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from permrank.cli import main
+    from permrank.cli.main import main
 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
@@ -260,7 +262,7 @@ def test_memos_are_bounded_by_bytes() -> None:
 
 
 def test_as_data_is_bounded_by_bytes() -> None:
-    from permrank.prompts import as_data
+    from permrank.core.prompts import as_data
 
     memo = as_data.__self__  # type: ignore[attr-defined]
     for i in range(2000):
@@ -290,8 +292,8 @@ def test_a_waiter_asks_itself_when_the_call_it_waited_for_is_cancelled(
 
 
 def test_usage_counts_each_attempt_as_cached_or_not_and_sums_waits() -> None:
-    from permrank.rerank import usage_of
-    from permrank.types import RepairReport, Usage, WindowTrace
+    from permrank.core.types import RepairReport, Usage, WindowTrace
+    from permrank.engine.usage import usage_of
 
     trace = [
         WindowTrace(

@@ -17,7 +17,7 @@ from reliability_support import (
 )
 
 from permrank.servers.process import free_port
-from permrank.simfaults import Faults
+from permrank.sim.faults import Faults
 
 QIDS = [r["qid"] for r in read_jsonl(CANDIDATES)]
 LIMIT = ["--limit", "2"]  # 2 queries x 9 windows: 18 requests when nothing fails
@@ -30,7 +30,7 @@ def reference(
     """The result of a fault-free run."""
     folder = tmp_path_factory.mktemp("reference")
     with simulator() as sim:
-        from permrank.cli import main
+        from permrank.cli.main import main
 
         argv = rerank_argv(sim, CANDIDATES, folder / "out.jsonl", None, "--no-cache", *LIMIT)
         assert main(argv) == 0
@@ -196,8 +196,8 @@ def test_on_error_fail_stops_cleanly_and_keeps_what_was_finished(tmp_path, capsy
 
 
 def test_simulate_command_accepts_the_fault_switches():
-    from permrank.cli import build_parser
-    from permrank.simfaults import faults_from_args
+    from permrank.cli.main import build_parser
+    from permrank.sim.faults import faults_from_args
 
     args = build_parser().parse_args(
         "simulate --data x --fail-first 2 --fail-status 429 --retry-after 1.5 --fail-rate 0.1 "

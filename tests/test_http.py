@@ -19,9 +19,10 @@ import pytest
 
 from permrank.backends.client import plain_http_applies
 from permrank.backends.openai import OpenAIBackend
-from permrank.errors import BackendError, ConfigError
-from permrank.rerank import Reranker
-from permrank.simulator import Corpus, Simulator, SimulatorState, completion_payload
+from permrank.core.errors import BackendError, ConfigError
+from permrank.engine.reranker import Reranker
+from permrank.sim.server import Corpus, Simulator
+from permrank.sim.state import SimulatorState, completion_payload
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"
@@ -231,8 +232,8 @@ def simulated(state: SimulatorState) -> Answer:
 
 
 def rankings_through(base_url: str, model: str) -> tuple[dict[str, list[str]], Any]:
-    from permrank.io import read_requests
-    from permrank.rerank import total_usage
+    from permrank.engine.usage import total_usage
+    from permrank.runs.io import read_requests
 
     with Reranker(model=model, base_url=base_url, concurrency=4) as reranker:
         rankings = reranker.rerank_batch(list(read_requests(DL19_5Q / "candidates.jsonl")))
@@ -379,7 +380,7 @@ def test_the_openai_sdk_is_imported_only_when_an_endpoint_needs_it(raw: Any) -> 
     code = (
         "import asyncio, sys\n"
         "from permrank.backends.openai import OpenAIBackend\n"
-        "import permrank.rerank, permrank.backends.probe, permrank.backends.cache\n"
+        "import permrank.engine.pipeline, permrank.backends.probe, permrank.backends.cache\n"
         f"b = OpenAIBackend({srv.base_url!r}, 'm')\n"
         "async def go():\n"
         "    try:\n"

@@ -11,9 +11,10 @@ from pathlib import Path
 import ir_measures
 import pytest
 
-from permrank.errors import InputError
-from permrank.evaluate import evaluate, read_qrels, read_run, run_of
-from permrank.io import (
+from permrank.core.errors import InputError
+from permrank.core.types import Ranking, Request
+from permrank.runs.evaluate import evaluate, read_qrels, read_run, run_of
+from permrank.runs.io import (
     ranking_line,
     read_requests,
     trec_lines,
@@ -21,7 +22,6 @@ from permrank.io import (
     write_jsonl,
     write_trec,
 )
-from permrank.types import Ranking, Request
 
 
 def write_lines(path: Path, records: list[dict]) -> Path:

@@ -23,11 +23,12 @@ import pytest
 
 from permrank import Reranker
 from permrank.backends.probe import probe
-from permrank.cli import main
-from permrank.errors import ConfigError, EndpointUnavailable
-from permrank.io import read_requests
+from permrank.backends.tokenizer import ServerTokenizer
+from permrank.cli.main import main
+from permrank.core.errors import ConfigError, EndpointUnavailable
+from permrank.core.tokens import default_tokenizer
+from permrank.runs.io import read_requests
 from permrank.servers.llamacpp import LlamaServer, default_model_path, free_port
-from permrank.tokens import ServerTokenizer, default_tokenizer
 
 pytestmark = pytest.mark.server
 

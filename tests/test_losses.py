@@ -13,8 +13,8 @@ if os.environ.get("CI"):
 else:
     torch = pytest.importorskip("torch", reason="torch is in the train extra")
 
-from permrank.errors import ConfigError  # noqa: E402
-from permrank.losses import (  # noqa: E402
+from permrank.core.errors import ConfigError
+from permrank.distill.train.losses import (
     grouped_softmax_loss,
     lambda_loss,
     listmle_loss,

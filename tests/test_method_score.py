@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from permrank.cli import main
-from permrank.evaluate import read_qrels
-from permrank.io import read_requests
-from permrank.methods import get_method
-from permrank.methods.score import Score, relevance_scores
-from permrank.rerank import Reranker
-from permrank.simulator import Corpus, Simulator
+from permrank.cli.main import main
+from permrank.engine.methods import get_method
+from permrank.engine.methods.score import Score, relevance_scores
+from permrank.engine.reranker import Reranker
+from permrank.runs.evaluate import read_qrels
+from permrank.runs.io import read_requests
+from permrank.sim.server import Corpus, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from permrank.backends.openai import OpenAIBackend
-from permrank.cli import main
-from permrank.evaluate import evaluate, read_qrels, run_of
-from permrank.io import read_requests
-from permrank.methods import LogprobsUnavailable
-from permrank.rerank import Reranker
-from permrank.simulator import Corpus, Noise, Simulator
-from permrank.types import Request
+from permrank.cli.main import main
+from permrank.core.types import Request
+from permrank.engine.methods import LogprobsUnavailable
+from permrank.engine.reranker import Reranker
+from permrank.runs.evaluate import evaluate, read_qrels, run_of
+from permrank.runs.io import read_requests
+from permrank.sim.server import Corpus, Noise, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_3Q20 = ROOT / "fixtures" / "dl19-3q20"

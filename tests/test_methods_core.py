@@ -7,24 +7,24 @@ import random
 
 import pytest
 
-from permrank.errors import ConfigError
-from permrank.methods import get_method
-from permrank.methods.first import order_by_logprobs
-from permrank.methods.likelihood import echoed, tail_logprobs
-from permrank.methods.logprobs import (
+from permrank.core.errors import ConfigError
+from permrank.core.logprobs import (
     TokenLogprob,
     answer_position,
     generated_tokens,
     prompt_logprobs_tokens,
 )
-from permrank.methods.pairwise import (
+from permrank.engine.methods import get_method
+from permrank.engine.methods.first import order_by_logprobs
+from permrank.engine.methods.likelihood import echoed, tail_logprobs
+from permrank.engine.methods.pairwise import (
     allpairs_plan,
     first_shown_probability,
     heap_plan,
     run_pair_plan,
     sliding_plan,
 )
-from permrank.methods.pointwise import yes_no_score
+from permrank.engine.methods.pointwise import yes_no_score
 
 
 def test_chat_and_legacy_logprobs_read_the_same():

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from permrank.io import read_requests
-from permrank.methods import LogprobsUnavailable
-from permrank.rerank import Reranker
-from permrank.types import Request
+from permrank.core.types import Request
+from permrank.engine.methods import LogprobsUnavailable
+from permrank.engine.reranker import Reranker
+from permrank.runs.io import read_requests
 
 pytestmark = pytest.mark.server
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from permrank.parse import extract_identifiers, final_answer, parse_permutation
-from permrank.types import RepairReport
+from permrank.core.parse import extract_identifiers, final_answer, parse_permutation
+from permrank.core.types import RepairReport
 
 
 def report(

@@ -12,10 +12,10 @@ import pytest
 from permrank import Reranker
 from permrank.backends.pool import PoolBackend, read_endpoints
 from permrank.backends.probe import probe_replicas
-from permrank.cli import main
-from permrank.errors import BackendError, ConfigError, EndpointUnavailable
-from permrank.io import read_requests
-from permrank.simulator import Corpus, Simulator
+from permrank.cli.main import main
+from permrank.core.errors import BackendError, ConfigError, EndpointUnavailable
+from permrank.runs.io import read_requests
+from permrank.sim.server import Corpus, Simulator
 
 MODEL = "permrank-simulator"
 
@@ -27,7 +27,7 @@ def corpus(dl19_5q: Path) -> Corpus:
 @pytest.fixture(scope="module")
 def replicas() -> Iterator[list[Simulator]]:
     """Three noisy simulators (same seeded noise: the same model) answering in 20 ms."""
-    from permrank.simnoise import parse_noise
+    from permrank.sim.noise import parse_noise
 
     root = Path(__file__).resolve().parent.parent / "fixtures" / "dl19-5q"
     sims = [

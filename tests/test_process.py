@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from permrank.errors import EndpointUnavailable
+from permrank.core.errors import EndpointUnavailable
 from permrank.servers import process
 from permrank.servers.process import ManagedServer
 

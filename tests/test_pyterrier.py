@@ -14,12 +14,12 @@ pt = pytest.importorskip("pyterrier")
 pd = pytest.importorskip("pandas")
 from ir_measures import nDCG  # noqa: E402
 
-from permrank.cli import main  # noqa: E402
-from permrank.evaluate import read_qrels  # noqa: E402
-from permrank.io import read_requests  # noqa: E402
+from permrank.cli.main import main  # noqa: E402
 from permrank.pyterrier import PermRank  # noqa: E402
-from permrank.simnoise import Noise  # noqa: E402
-from permrank.simulator import Corpus, Simulator  # noqa: E402
+from permrank.runs.evaluate import read_qrels  # noqa: E402
+from permrank.runs.io import read_requests  # noqa: E402
+from permrank.sim.noise import Noise  # noqa: E402
+from permrank.sim.server import Corpus, Simulator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"

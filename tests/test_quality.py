@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from permrank import Reranker
-from permrank.evaluate import evaluate, read_qrels, read_run, run_of
-from permrank.io import read_requests
-from permrank.simulator import Corpus, Simulator
+from permrank.runs.evaluate import evaluate, read_qrels, read_run, run_of
+from permrank.runs.io import read_requests
+from permrank.sim.server import Corpus, Simulator
 
 DL19 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "trec-dl19"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from permrank.cli import main
-from permrank.simnoise import parse_noise
-from permrank.simulator import Corpus, Simulator
+from permrank.cli.main import main
+from permrank.sim.noise import parse_noise
+from permrank.sim.server import Corpus, Simulator
 
 if os.environ.get("CI"):
     import ray  # CI installs the ray extra: a missing Ray is a failure there
@@ -143,7 +143,7 @@ def test_ray_distill_writes_the_labels_of_a_local_run(
 def test_rerank_dataset(ray_instance, two_replicas, dl19_5q):
     from permrank import Reranker
     from permrank.distributed import rerank_dataset
-    from permrank.io import read_requests
+    from permrank.runs.io import read_requests
 
     urls = [s.base_url for s in two_replicas]
     records = [json.loads(line) for line in (dl19_5q / "candidates.jsonl").open()]

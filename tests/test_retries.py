@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from permrank.backends.openai import OpenAIBackend, retry_after_seconds
-from permrank.errors import BackendError, ConfigError
+from permrank.core.errors import BackendError, ConfigError
 
 SECRET = "sk-test-0123456789-do-not-leak"
 MESSAGES = [{"role": "user", "content": "[1] a\n[2] b"}]

@@ -18,8 +18,8 @@ from reliability_support import (
     simulator,
 )
 
-from permrank.runstore import RunStore, SettingsChanged, differences, flatten
-from permrank.types import Usage
+from permrank.core.types import Usage
+from permrank.runs.store import RunStore, SettingsChanged, differences, flatten
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from reliability_support import (
     simulator,
 )
 
-from permrank.simfaults import Faults
+from permrank.sim.faults import Faults
 
 
 class KeyWatcher(Faults):

@@ -25,11 +25,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from service_support import MODEL, Running, serve  # noqa: E402
 
-from permrank.io import read_requests  # noqa: E402
-from permrank.rerank import Reranker  # noqa: E402
-from permrank.servers.process import free_port  # noqa: E402
-from permrank.service import ServiceOptions  # noqa: E402
-from permrank.simulator import Corpus, Simulator  # noqa: E402
+from permrank.engine.reranker import Reranker
+from permrank.runs.io import read_requests
+from permrank.servers.process import free_port
+from permrank.service import ServiceOptions
+from permrank.sim.server import Corpus, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"
@@ -50,7 +50,7 @@ def corpus() -> Corpus:
 @pytest.fixture(scope="module")
 def noisy_sim(corpus: Corpus) -> Iterator[Simulator]:
     """A simulator that errs (so the order depends on every window asked, as with a model)."""
-    from permrank.simnoise import Noise
+    from permrank.sim.noise import Noise
 
     with Simulator(corpus, noise=Noise(swap=0.2, seed=7)) as sim:
         yield sim
@@ -338,7 +338,7 @@ def cli(*args: str) -> subprocess.Popen:
 def cli_reference(sim: Simulator, tmp_path: Path, depth: int) -> dict[str, list[int]]:
     """`permrank rerank` over the fixture (sliding windows, its defaults): each query's order
     as positions in its input."""
-    from permrank.cli import main
+    from permrank.cli.main import main
 
     output = tmp_path / "reference.jsonl"
     code = main(

@@ -25,7 +25,7 @@ pytest.importorskip("fastapi")
 
 from service_support import serve  # noqa: E402
 
-from permrank.simulator import Corpus, Simulator  # noqa: E402
+from permrank.sim.server import Corpus, Simulator
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

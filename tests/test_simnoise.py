@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from permrank.errors import ConfigError
-from permrank.simnoise import Noise, judge_order, parse_noise
+from permrank.core.errors import ConfigError
+from permrank.sim.noise import Noise, judge_order, parse_noise
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 GRADES = [0, 3, 0, 2, 1, 0, 0, 3, 0, 1, 0, 2, 0, 0, 1, 0, 0, 0, 2, 0]
@@ -78,8 +78,7 @@ def test_noise_spec_strings():
 
 
 def test_simulate_command_takes_a_spec_or_a_number():
-    from permrank.cli import build_parser
-    from permrank.commands.simulate import run  # noqa: F401 (the command's entry point exists)
+    from permrank.cli.main import build_parser
 
     parser = build_parser()
     for spec in ("0.1", "swap:0.1,bias:0.3"):
@@ -90,9 +89,9 @@ def test_simulate_command_takes_a_spec_or_a_number():
 def test_responses_route_answers_an_openai_responses_client():
     import openai
 
-    from permrank.io import read_requests
-    from permrank.prompts import load_template, render_window
-    from permrank.simulator import Corpus, Simulator
+    from permrank.core.prompts import load_template, render_window
+    from permrank.runs.io import read_requests
+    from permrank.sim.server import Corpus, Simulator
 
     corpus = Corpus.from_files(
         FIXTURES / "dl19-5q/candidates.jsonl", FIXTURES / "dl19-5q/qrels.txt"

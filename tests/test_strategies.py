@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from permrank.errors import ConfigError
-from permrank.strategies import STRATEGIES, get_strategy, run_plan
-from permrank.strategies.common import cover_pairs
-from permrank.strategies.selfconsistency import borda, kemeny
-from permrank.strategies.tournament import copeland_order
+from permrank.core.errors import ConfigError
+from permrank.core.strategies import STRATEGIES, get_strategy, run_plan
+from permrank.core.strategies.common import cover_pairs
+from permrank.core.strategies.selfconsistency import borda, kemeny
+from permrank.core.strategies.tournament import copeland_order
 
 Judge = Callable[[list[int]], Sequence[int]]
 
@@ -313,7 +313,7 @@ def test_copeland_order_recovers_a_consistent_total_order():
 
 
 def test_every_strategy_is_a_cli_choice():
-    from permrank.cli import build_parser
+    from permrank.cli.main import build_parser
 
     parser = build_parser()
     for name in STRATEGIES:
@@ -325,10 +325,10 @@ def test_every_strategy_is_a_cli_choice():
 def test_parallel_strategies_through_the_driver_match_sliding_in_fewer_rounds():
     from pathlib import Path
 
-    from permrank.evaluate import evaluate, read_qrels, run_of
-    from permrank.io import read_requests
-    from permrank.rerank import Reranker
-    from permrank.simulator import Corpus, Simulator
+    from permrank.engine.reranker import Reranker
+    from permrank.runs.evaluate import evaluate, read_qrels, run_of
+    from permrank.runs.io import read_requests
+    from permrank.sim.server import Corpus, Simulator
 
     fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "dl19-5q"
     corpus = Corpus.from_files(fixtures / "candidates.jsonl", fixtures / "qrels.txt")

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from permrank.errors import ConfigError
-from permrank.strategies import SlidingWindow, get_strategy, run_plan, window_bounds
+from permrank.core.errors import ConfigError
+from permrank.core.strategies import SlidingWindow, get_strategy, run_plan, window_bounds
 
 SHAPES = [
     (n, window_size, step)

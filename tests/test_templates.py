@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from permrank.errors import TemplateError
-from permrank.prompts import (
+from permrank.core.errors import TemplateError
+from permrank.core.prompts import (
     PromptBudget,
     answer_tokens,
     builtin_templates,
@@ -20,7 +20,7 @@ from permrank.prompts import (
     load_template,
     render_window,
 )
-from permrank.tokens import default_tokenizer
+from permrank.core.tokens import default_tokenizer
 
 QUERY = "how long is the life cycle of a flea"
 LONG = (
@@ -308,8 +308,8 @@ def refuse(*args, **kwargs):
 socket.socket.connect = refuse
 socket.socket.connect_ex = refuse
 socket.create_connection = refuse
-from permrank.tokens import default_tokenizer
-from permrank.prompts import load_template, render_window
+from permrank.core.tokens import default_tokenizer
+from permrank.core.prompts import load_template, render_window
 tok = default_tokenizer()
 messages = render_window(load_template("rankgpt"), "fleas", [("x " * 500, None)] * 3)
 print(tok.name, tok.count("hello world"), len(messages))

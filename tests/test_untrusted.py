@@ -10,9 +10,9 @@ from reliability_support import simulator
 
 from permrank import Reranker
 from permrank.backends.openai import OpenAIBackend
-from permrank.parse import parse_permutation
-from permrank.prompts import load_template, render_window
-from permrank.simulator import Corpus, SimQuery, completion_payload, prompt_text
+from permrank.core.parse import parse_permutation
+from permrank.core.prompts import load_template, render_window
+from permrank.sim.state import Corpus, SimQuery, completion_payload, prompt_text
 
 TEMPLATES = ["rankgpt", "rankzephyr"]
 INJECTIONS = {

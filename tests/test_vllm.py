@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from permrank.cli import main
-from permrank.commands.models import convert_gguf, default_model_dir, is_converted, smollm2_gguf
-from permrank.io import read_requests
+from permrank.cli.main import main
+from permrank.cli.models import convert_gguf, default_model_dir, is_converted, smollm2_gguf
+from permrank.runs.io import read_requests
 
 pytestmark = [pytest.mark.vllm, pytest.mark.server, pytest.mark.slow]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from permrank.cli import main
-from permrank.io import read_requests
+from permrank.cli.main import main
+from permrank.runs.io import read_requests
 
 pytestmark = [pytest.mark.vllm, pytest.mark.server, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ AS_RERANKER = {
 def scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not HAVE_VLLM:
         pytest.fail(f"CI=true but {MISSING}")
-    from permrank.commands.models import convert_gguf, default_model_dir, is_converted, smollm2_gguf
+    from permrank.cli.models import convert_gguf, default_model_dir, is_converted, smollm2_gguf
     from permrank.servers.vllm import VllmServer
 
     folder = default_model_dir()
@@ -92,8 +92,8 @@ def test_vllm_scores_rerank_every_query(scorer: str, tmp_path: Path, api: str) -
 
 def test_scores_are_the_heads(scorer: str) -> None:
     """The order is the server's own scores, highest first (P(yes) in (0, 1))."""
-    from permrank.methods.score import relevance_scores
-    from permrank.rerank import Reranker
+    from permrank.engine.methods.score import relevance_scores
+    from permrank.engine.reranker import Reranker
 
     request = next(iter(read_requests(str(FIXTURE / "candidates.jsonl"))))
     # Short passages without brackets: sent as they are (no cut, nothing escaped).

@@ -1,6 +1,6 @@
 """Backends: where windows are sent. Each is one file implementing ``Backend``."""
 
-from .base import Backend
-from .openai import OpenAIBackend
+from permrank.backends.base import Backend
+from permrank.backends.openai import OpenAIBackend
 
 __all__ = ["Backend", "OpenAIBackend"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..types import Completion, Exchange
+from permrank.core.types import Completion, Exchange
 
 __all__ = ["Backend", "Exchange"]
 

@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import ConfigError
-from ..types import Completion
-from .base import Backend, Exchange
+from permrank.backends.base import Backend, Exchange
+from permrank.core.errors import ConfigError
+from permrank.core.types import Completion
 
 log = logging.getLogger(__name__)
 

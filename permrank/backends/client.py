@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -208,3 +210,26 @@ def abandon(session: aiohttp.ClientSession) -> None:
     if connector is not None:
         with contextlib.suppress(Exception):
             connector._close()  # closes the transports now; no await on a dead loop
+
+
+def run_sync(make: Callable[[], Any]) -> Any:
+    """Run the coroutine ``make()`` returns to its end from sync code, even when the calling
+    thread already runs an event loop (Jupyter): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = asyncio.run(make())
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -24,11 +24,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import ClientConnectorError, ClientOSError, ServerDisconnectedError
 from asyncio_throttle import Throttler
 
-from .. import __version__
-from ..errors import BackendError, ConfigError
-from ..types import Completion
-from .base import Exchange
-from .client import (
+from permrank.backends.base import Exchange
+from permrank.backends.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
     HTTPClient,
     HTTPStatusError,
@@ -36,6 +33,9 @@ from .client import (
     TransportError,
     plain_http_applies,
 )
+from permrank.core.errors import BackendError, ConfigError
+from permrank.core.types import Completion
+from permrank.core.version import version
 
 if TYPE_CHECKING:
     import openai
@@ -197,7 +197,7 @@ class OpenAIBackend:
                     self._client = HTTPClient(
                         headers={
                             "Authorization": f"Bearer {key}",
-                            "User-Agent": f"permrank/{__version__}",
+                            "User-Agent": f"permrank/{version()}",
                         },
                         timeout_s=self.timeout_s,
                         limit=self.concurrency,

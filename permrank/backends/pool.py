@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import BackendError, ConfigError
-from ..types import Completion
-from .base import Backend
+from permrank.backends.base import Backend
+from permrank.core.errors import BackendError, ConfigError
+from permrank.core.types import Completion
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Member:
 def retryable_failure(exc: BaseException) -> bool:
     """Whether another endpoint may answer what this one failed: a refused connection, a
     timeout, 429 or 5xx yes; a request the server refused as malformed (400, 404) no."""
-    from .openai import is_retryable
+    from permrank.backends.openai import is_retryable
 
     cause = exc.__cause__ or exc.__context__
     return cause is None or is_retryable(cause)
@@ -309,7 +309,7 @@ def pool_backend(
     """A pool of ``OpenAIBackend`` s, one per endpoint, ``concurrency`` requests in flight on
     each (times its weight); a failed request is retried once on its endpoint, then re-sent to
     the others up to ``max_retries`` times."""
-    from .openai import OpenAIBackend
+    from permrank.backends.openai import OpenAIBackend
 
     specs = endpoint_specs(endpoints)
     backends = [

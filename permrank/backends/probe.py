@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -23,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import EndpointUnavailable
-from ..tokens import ServerTokenizer
-from .client import HTTPClient, TransportError
+from permrank.backends.client import HTTPClient, TransportError, run_sync
+from permrank.backends.tokenizer import ServerTokenizer
+from permrank.core.errors import EndpointUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -269,29 +268,6 @@ async def aprobe(
     return info
 
 
-def run_sync(make: Callable[[], Any]) -> Any:
-    """Run the coroutine ``make()`` returns to its end from sync code, even when the calling
-    thread already runs an event loop (Jupyter): then in a thread of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["value"] = asyncio.run(make())
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def probe(
     base_url: str,
     model: str | None = None,
@@ -381,7 +357,7 @@ def endpoint(
     if isinstance(base_url, str) and base_url:
         yield Endpoint(probe(base_url, model, api_key=os.environ.get(api_key_env), wait_s=wait_s))
         return
-    from ..servers.llamacpp import LlamaServer
+    from permrank.servers.llamacpp import LlamaServer
 
     server = LlamaServer(
         local_model,

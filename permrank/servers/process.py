@@ -28,7 +28,7 @@ from typing import Any, NoReturn, Protocol, Self
 
 import httpx
 
-from ..errors import EndpointUnavailable
+from permrank.core.errors import EndpointUnavailable
 
 log = logging.getLogger(__name__)
 

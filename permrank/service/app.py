@@ -1,6 +1,6 @@
 """The rerank API server: ``create_app(reranker_factory, options)`` -> a FastAPI app.
 
-Every request is reranked by ONE engine (a ``permrank.rerank.Reranker`` made by the factory when
+Every request is reranked by ONE engine (a ``permrank.Reranker`` made by the factory when
 the app starts, closed when it stops): the windows of all requests in flight share its backend,
 so they are sent together within the endpoint's concurrency, and a request with many windows
 holds no other. Bad requests are refused with a 4xx JSON error naming the field before any model
@@ -27,14 +27,15 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import BackendError, ConfigError, EndpointUnavailable, PermrankError
-from ..methods import get_method
-from ..methods.score import SCORING_METHODS, relevance_scores
-from ..rerank import Pipeline, Reranker, rerank_request
-from ..strategies import STRATEGIES, get_strategy
-from ..types import Candidate, Query, Ranking
-from ..types import Request as RerankInput
-from .schemas import (
+from permrank.core.errors import BackendError, ConfigError, EndpointUnavailable, PermrankError
+from permrank.core.strategies import STRATEGIES, get_strategy
+from permrank.core.types import Candidate, Query, Ranking
+from permrank.core.types import Request as RerankInput
+from permrank.engine.methods import get_method
+from permrank.engine.methods.score import SCORING_METHODS, relevance_scores
+from permrank.engine.pipeline import Pipeline, rerank_request
+from permrank.engine.reranker import Reranker
+from permrank.service.schemas import (
     DocumentOut,
     RerankRequest,
     RerankResponse,
@@ -461,7 +462,7 @@ def create_app(
 
     @app.get("/v1/options", tags=["page"], summary="strategies and methods the page offers")
     async def page_options() -> dict[str, Any]:
-        from ..methods import METHOD_NAMES
+        from permrank.engine.methods import METHOD_NAMES
 
         pipeline = reranker().pipeline
         current = strategy_name(pipeline)

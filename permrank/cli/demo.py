@@ -1,0 +1,121 @@
+"""``permrank demo``: rerank a slice of TREC DL19 on the embedded model, end to end.
+
+Starts llama.cpp's server with SmolLM2-135M-Instruct (no API key, no GPU), reranks the first
+queries' top candidates, and prints nDCG@10 before and after, calls, tokens and time. A 135M
+model cannot rank: the demo proves the machinery, and says how to point it at a real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+from permrank.cli.rerank import (
+    add_model_options,
+    model_endpoint,
+    reranker_from_args,
+    run_of_requests,
+    summary_lines,
+)
+from permrank.core.errors import ConfigError
+from permrank.core.types import Request, Usage
+from permrank.runs.evaluate import evaluate, read_qrels, run_of
+from permrank.runs.io import read_requests
+
+REPO = Path(__file__).resolve().parents[2]
+DATA_CHOICES = (
+    REPO.parent / "shared" / "data" / "trec-dl19",  # ../shared/data beside the repository
+    REPO / "fixtures" / "dl19-3q20",  # what ships in the repository
+)
+
+REAL_MODEL_HINT = """\
+SmolLM2-135M is far too small to rank passages: expect nDCG@10 near (or below) BM25's, answers
+that need repair, and near-identity orders. The demo shows the machinery (server, prompts, token
+counts, parsing, evaluation), not ranking quality. For real reranking point permrank at a real
+model, e.g. a vLLM server or OpenAI:
+  vllm serve Qwen/Qwen2.5-7B-Instruct --enable-prefix-caching      (on a GPU machine)
+  permrank demo --base-url http://HOST:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+  OPENAI_API_KEY=... permrank demo --base-url https://api.openai.com/v1 --model gpt-4o-mini
+  permrank rerank --input candidates.jsonl --output out.jsonl --base-url URL --model NAME
+or any GGUF on this machine: permrank demo --local-model PATH.gguf"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="rerank a slice of TREC DL19 on the embedded model and print nDCG@10",
+        description="Rerank the first --queries DL19 queries (top --depth BM25 candidates) with "
+        "the embedded model (llama.cpp + SmolLM2-135M-Instruct, started and stopped here) or "
+        "with --base-url/--model, then print nDCG@10 before and after, calls, tokens and time.",
+    )
+    p.add_argument(
+        "--data",
+        help="folder with candidates.jsonl and qrels.txt (default: ../shared/data/trec-dl19 "
+        "beside the repository, else fixtures/dl19-3q20)",
+    )
+    p.add_argument("--queries", type=int, default=5, help="queries to rerank (5)")
+    p.add_argument("--depth", type=int, default=20, help="candidates per query (20)")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def data_folder(given: str | None) -> Path:
+    choices = (Path(given),) if given else DATA_CHOICES
+    for folder in choices:
+        if (folder / "candidates.jsonl").is_file() and (folder / "qrels.txt").is_file():
+            return folder
+    raise ConfigError(
+        f"no candidates.jsonl + qrels.txt in {', '.join(str(c) for c in choices)}; give --data DIR"
+    )
+
+
+def slice_of(path: Path, queries: int, depth: int) -> list[Request]:
+    requests = []
+    for request in itertools.islice(read_requests(path), queries):
+        request.candidates = request.candidates[:depth]
+        requests.append(request)
+    return requests
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.queries < 1 or args.depth < 2:
+        raise ConfigError("--queries must be at least 1 and --depth at least 2")
+    if not args.cache:  # the demo measures calls, tokens and time: no answers from a cache
+        args.no_cache = True
+    folder = data_folder(args.data)
+    requests = slice_of(folder / "candidates.jsonl", args.queries, args.depth)
+    qrels = read_qrels(folder / "qrels.txt")
+    print(f"data: {folder} ({len(requests)} queries x {args.depth} candidates)", flush=True)
+    t0 = time.perf_counter()
+    with model_endpoint(args) as args.endpoint:
+        started = time.perf_counter() - t0
+        info = args.endpoint.info
+        print(
+            f"model: {info.model} ({info.kind} at {info.base_url}, ready in {started:.1f} s; "
+            f"context {info.context_window} tokens)",
+            flush=True,
+        )
+        with reranker_from_args(args) as reranker:
+            t1 = time.perf_counter()
+            rankings = reranker.rerank_batch(requests)
+            seconds = time.perf_counter() - t1
+    totals = Usage()
+    for ranking in rankings:
+        totals.add(ranking.usage)
+    before = evaluate(run_of_requests(iter(requests)), qrels, ["nDCG@10"])["nDCG@10"]
+    after = evaluate(run_of(rankings), qrels, ["nDCG@10"])["nDCG@10"]
+    print(f"nDCG@10: {before:.4f} (BM25) -> {after:.4f} (reranked by {info.model})")
+    for line in summary_lines(totals, len(rankings), seconds):
+        print(line)
+    if seconds > 0:
+        print(
+            f"throughput: {totals.prompt_tokens / seconds:.0f} prompt + "
+            f"{totals.completion_tokens / seconds:.0f} completion tokens/s "
+            f"(server start {started:.1f} s not included)"
+        )
+    if args.endpoint.server is not None:
+        print()
+        print(REAL_MODEL_HINT)
+    return 0
