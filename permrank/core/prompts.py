@@ -162,7 +162,7 @@ def _validate(template: Template, where: str) -> None:
 def builtin_templates() -> dict[str, Path]:
     """Names of the templates shipped with permrank, and their files."""
     found: dict[str, Path] = {}
-    candidates = [Path(__file__).resolve().parent.parent / "prompts"]
+    candidates = [Path(__file__).resolve().parents[2] / "prompts"]
     try:
         candidates.insert(0, Path(str(resources.files("permrank") / "_prompts")))
     except (ModuleNotFoundError, TypeError):
