@@ -10,7 +10,7 @@ from typing import Any
 
 from permrank.core.types import Usage
 
-PACKAGES = ("permrank", "openai", "tiktoken", "pydantic", "tenacity", "ir-measures", "httpx")
+PACKAGES = ("permrank", "openai", "aiohttp", "tiktoken", "pydantic", "ir-measures")
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:

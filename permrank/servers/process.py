@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import http.client
 import logging
 import os
 import signal
@@ -22,11 +23,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, Self
-
-import httpx
 
 from permrank.core.errors import EndpointUnavailable
 
@@ -173,6 +173,19 @@ def _group_alive(pgid: int) -> bool:
 
 
 # -- a server process --------------------------------------------------------------------------
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+
+
+def healthy(url: str, timeout_s: float) -> bool:
+    """Whether a server we started answers its health route with 200 yet (a loopback GET from
+    the starting thread: no event loop involved, so the standard library's client is enough)."""
+    try:
+        with _NO_PROXY.open(url, timeout=timeout_s) as answer:
+            return bool(answer.status == 200)
+    except (OSError, http.client.HTTPException):  # refused, reset, 503 (HTTPError), timeout
+        return False
+
+
 class ManagedServer:
     """An HTTP server child process on loopback; ``with Server(...) as s: s.base_url``.
 
@@ -301,25 +314,23 @@ class ManagedServer:
     def _wait_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + self.ready_timeout_s
-        with httpx.Client(timeout=self.health_timeout_s) as client:
-            while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise EndpointUnavailable(
-                        f"{self.name} exited with code {code} while starting "
-                        f"(model {self.model_source}). Its log ({self.log_path}) ends:\n"
-                        f"{self._log_tail()}"
-                    )
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        log.info("%s ready at %s (model %s)", self.name, self.base_url, self.model)
-                        return
-                if time.monotonic() > deadline:
-                    raise EndpointUnavailable(
-                        f"{self.name} did not become ready within {self.ready_timeout_s:.0f} s "
-                        f"at {self.url}. Its log ({self.log_path}) ends:\n{self._log_tail()}"
-                    )
-                time.sleep(self.poll_s)
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise EndpointUnavailable(
+                    f"{self.name} exited with code {code} while starting "
+                    f"(model {self.model_source}). Its log ({self.log_path}) ends:\n"
+                    f"{self._log_tail()}"
+                )
+            if healthy(f"{self.url}/health", self.health_timeout_s):
+                log.info("%s ready at %s (model %s)", self.name, self.base_url, self.model)
+                return
+            if time.monotonic() > deadline:
+                raise EndpointUnavailable(
+                    f"{self.name} did not become ready within {self.ready_timeout_s:.0f} s "
+                    f"at {self.url}. Its log ({self.log_path}) ends:\n{self._log_tail()}"
+                )
+            time.sleep(self.poll_s)
 
     @property
     def running(self) -> bool:
