@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,14 @@ from permrank.core.prompts import (
     Template,
     load_template,
 )
-from permrank.core.strategies import Strategy, get_strategy
+from permrank.core.strategies import Strategy, describe_strategy, get_strategy
 from permrank.core.tokens import (
     Tokenizer,
     default_tokenizer,
 )
 from permrank.core.types import Candidate, Query, Ranking, Request, Usage
 from permrank.engine.methods.base import Method
-from permrank.engine.pipeline import MemoTokenizer, Pipeline, Sampling, rerank_request
+from permrank.engine.pipeline import Limits, MemoTokenizer, Pipeline, Sampling, rerank_request
 from permrank.engine.stream import OnError, rerank_stream
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,74 @@ def to_candidates(candidates: Sequence[CandidateLike]) -> list[Candidate]:
     return out
 
 
+def _group(name: str, group: Any, cls: type, **flat: Any) -> Any:
+    """The option group ``group`` (a ``Sampling``, ``Limits`` or ``PromptBudget``), or one built
+    from the flat keywords. A flat keyword given (not its default) with a different value than
+    the group's is a ``ConfigError``: one of them would be silently ignored."""
+    defaults = cls()
+    if group is None:
+        return cls(**flat)
+    if not isinstance(group, cls):
+        raise ConfigError(f"{name} must be a {cls.__name__} (got {type(group).__name__})")
+    clashes = [
+        f"{key}={value!r} against {name}.{key}={getattr(group, key)!r}"
+        for key, value in flat.items()
+        if value != getattr(defaults, key) and value != getattr(group, key)
+    ]
+    if clashes:
+        raise ConfigError(
+            f"Reranker got both {name}= and flat keywords that disagree: {'; '.join(clashes)}; "
+            f"give each option once (in {name}= or as a keyword)"
+        )
+    return group
+
+
+RequestLike = Request | tuple[str, Sequence[CandidateLike]] | dict[str, Any]
+
+
+def to_request(item: RequestLike, index: int = 0) -> Request:
+    """One query to rerank from a ``Request``, a ``(query, documents)`` pair or a dict
+    ``{"query", "documents" or "candidates", "qid"?}``; documents as ``to_candidates`` takes."""
+    if isinstance(item, Request):
+        return item
+    qid: Any = str(index)
+    if isinstance(item, tuple | list) and len(item) == 2:
+        query, documents = item
+    elif isinstance(item, dict):
+        data = dict(item)
+        if "query" not in data or not ("documents" in data or "candidates" in data):
+            raise ConfigError(
+                f"request {index}: a dict needs 'query' and 'documents' (or 'candidates'); "
+                f"got keys {sorted(data)}"
+            )
+        query = data.pop("query")
+        documents = data.pop("documents") if "documents" in data else data.pop("candidates")
+        qid = data.pop("qid", qid)
+        if isinstance(query, dict):  # rank_llm's {"text", "qid"}
+            qid = query.get("qid", qid)
+            query = query.get("text", "")
+    else:
+        raise ConfigError(
+            f"request {index}: expected a Request, a (query, documents) pair or a dict "
+            f"with 'query' and 'documents' (got {type(item).__name__})"
+        )
+    if isinstance(query, Query):
+        q = query
+    elif isinstance(query, str):
+        q = Query(qid=str(qid), text=query)
+    else:
+        raise ConfigError(f"request {index}: the query must be a string (got {query!r})")
+    if isinstance(documents, str):
+        raise ConfigError(f"request {index}: documents must be a list, not one string")
+    return Request(query=q, candidates=to_candidates(documents))
+
+
+def to_requests(items: Iterable[RequestLike]) -> Iterator[Request]:
+    """``to_request`` of each item, lazily (a stream stays a stream)."""
+    for i, item in enumerate(items):
+        yield to_request(item, i)
+
+
 class _LoopThread:
     """A private event loop in a thread, so the sync API works inside Jupyter's loop too."""
 
@@ -68,8 +136,16 @@ class _LoopThread:
 class Reranker:
     """Rerank with an LLM: ``Reranker(model, base_url).rank(query, documents)``.
 
-    Options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy value),
-    ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
+    Options come in a few groups: ``strategy`` (a value such as ``TopDownPartition(top_n=10)``
+    or a name), ``method`` (a name or ``get_method(...)``), ``prompt``, ``sampling``
+    (``Sampling(temperature, seed, max_tokens, extra)``), ``limits`` (``Limits(concurrency, rps,
+    timeout_s, max_retries, transport, max_response_bytes)``), ``budget``
+    (``Budget(max_passage_tokens, context_window)``), ``cache`` and ``on_error``. Every group's
+    field is also a flat keyword (``temperature=0``, ``concurrency=16``, ``extra_body`` for
+    ``Sampling.extra``); a flat keyword and its group that disagree are a ``ConfigError``.
+
+    The flat options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy
+    value), ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
     ``top_n`` (tournament, tdpart), ``strategy_options`` (any other strategy parameter, e.g.
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
@@ -123,7 +199,40 @@ class Reranker:
         cache: str | Path | None = None,
         constrain: str | None = None,
         server_info: Any = None,
+        sampling: Sampling | None = None,
+        limits: Limits | None = None,
+        budget: PromptBudget | None = None,
     ):
+        sampling = _group(
+            "sampling",
+            sampling,
+            Sampling,
+            temperature=temperature,
+            seed=seed,
+            max_tokens=max_tokens,
+            extra=extra_body or {},
+        )
+        limits = _group(
+            "limits",
+            limits,
+            Limits,
+            concurrency=concurrency,
+            rps=rps,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            transport=transport,
+            max_response_bytes=max_response_bytes,
+        )
+        budget = _group(
+            "budget",
+            budget,
+            PromptBudget,
+            max_passage_tokens=max_passage_tokens,
+            context_window=context_window,
+        )
+        concurrency, rps, timeout_s = limits.concurrency, limits.rps, limits.timeout_s
+        max_retries, transport = limits.max_retries, limits.transport
+        max_response_bytes, context_window = limits.max_response_bytes, budget.context_window
         self._to_probe: tuple[str | list[str], str, str, float] | None = None
         self.server_info = server_info
         """What the probe learnt (``permrank.backends.probe.ServerInfo``): given (the CLI
@@ -208,12 +317,8 @@ class Reranker:
             strategy=self.strategy,
             template=self.template,
             backend=self.backend,
-            sampling=Sampling(
-                temperature=temperature, seed=seed, max_tokens=max_tokens, extra=extra_body or {}
-            ),
-            budget=PromptBudget(
-                max_passage_tokens=max_passage_tokens, context_window=context_window
-            ),
+            sampling=sampling,
+            budget=budget,
             tokenizer=MemoTokenizer(tokenizer or default_tokenizer()),
         )
         self.constrain = constrain
@@ -287,14 +392,17 @@ class Reranker:
 
     # -- many queries ------------------------------------------------------------------------
     async def astream(
-        self, requests: Iterable[Request], *, spent: Usage | None = None
+        self, requests: Iterable[RequestLike], *, spent: Usage | None = None
     ) -> AsyncGenerator[Ranking, None]:
         """Rankings in input order; ``spent`` is charged with every answer as it arrives
-        (see ``rerank_stream``). The endpoint is probed first (``aprobe``)."""
+        (see ``rerank_stream``). The endpoint is probed first (``aprobe``). ``requests`` are
+        ``Request``s, ``(query, documents)`` pairs or dicts (see ``to_request``)."""
         await self.aprobe()
         stream = rerank_stream(
             self.pipeline,
-            requests,
+            [to_request(r, i) for i, r in enumerate(requests)]  # refused before any call
+            if isinstance(requests, list | tuple)
+            else to_requests(requests),
             max_queries_in_flight=max(4, 2 * self.concurrency),
             on_error=self.on_error,
             spent=spent,
@@ -305,16 +413,18 @@ class Reranker:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
-    async def arerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
+    async def arerank_batch(self, requests: Iterable[RequestLike]) -> list[Ranking]:
         return [ranking async for ranking in self.astream(requests)]
 
-    def rerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
-        """Rerank many queries at once; Rankings in input order."""
+    def rerank_batch(self, requests: Iterable[RequestLike]) -> list[Ranking]:
+        """Rerank many queries at once; Rankings in input order. ``requests`` are ``Request``s,
+        ``(query, documents)`` pairs or dicts ``{"query", "documents", "qid"?}``, documents being
+        strings, dicts or Candidates (as ``rank`` takes)."""
         return self._sync(self.arerank_batch(requests))
 
     def manifest(self) -> dict[str, Any]:
         """Every parameter of this reranker, for a run manifest (no secrets)."""
-        strategy = {k: v for k, v in vars(self.strategy).items()}
+        strategy = describe_strategy(self.strategy)
         return {
             "strategy": strategy,
             "template": {
@@ -362,3 +472,38 @@ class Reranker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_MOVED_FROM_RERANK = ("permrank.engine.pipeline", "permrank.engine.stream", "permrank.engine.usage")
+
+
+def __getattr__(name: str) -> Any:
+    """The names the old ``permrank.rerank`` module had (``ask_window``, ``drive_strategy``,
+    ``failed_ranking``, ``usage_of``...) that now live in the engine's other modules."""
+    import importlib
+
+    for module in _MOVED_FROM_RERANK:
+        found = getattr(importlib.import_module(module), name, _MISSING)
+        if found is not _MISSING:
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_MISSING = object()
+
+
+def rank(
+    query: str,
+    documents: Sequence[CandidateLike],
+    *,
+    model: str | None = None,
+    base_url: str | Sequence[str | tuple[str, float]] | None = None,
+    qid: str = "0",
+    **options: Any,
+) -> Ranking:
+    """Rerank ``documents`` for ``query`` in one call: a ``Reranker(model, base_url,
+    **options)`` used once and closed. For many queries keep one ``Reranker`` (its connections
+    and caches are reused) or use ``Reranker.rerank_batch``."""
+    with Reranker(model, base_url, **options) as reranker:
+        ranking: Ranking = reranker.rank(query, documents, qid=qid)
+        return ranking
