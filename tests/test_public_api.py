@@ -346,3 +346,21 @@ def test_pairwise_top_n_and_its_k_alias() -> None:
         get_method("pairwise", k=0)
     with pytest.raises(ConfigError, match="top_n .* must be at least 1"):
         get_method("pairwise", top_n=0)
+
+
+def test_top_n_reaches_pairwise_through_the_reranker() -> None:
+    url = "http://127.0.0.1:9/v1"
+    reranker = Reranker("m", url, method="pairwise", top_n=4)
+    assert reranker.manifest()["method"]["top_n"] == 4
+    assert reranker.manifest()["strategy"]["name"] == "sliding"  # which takes no top_n
+    both = Reranker("m", url, method="pairwise", strategy="tdpart", top_n=4)
+    assert both.strategy == TopDownPartition(top_n=4) and both.method.top_n == 4  # type: ignore[union-attr]
+    same = Reranker("m", url, method="pairwise", top_n=4, method_options={"k": 4})
+    assert same.method == reranker.method
+    # as before: the strategy's top_n and pairwise's own k side by side
+    apart = Reranker(
+        "m", url, strategy="tdpart", top_n=10, method="pairwise", method_options={"k": 6}
+    )
+    assert apart.strategy.top_n == 10 and apart.method.top_n == 6  # type: ignore[attr-defined,union-attr]
+    with pytest.raises(ConfigError, match="strategy 'sliding' does not take top_n"):
+        Reranker("m", url, top_n=4)  # listwise: top_n is the strategy's, which has none

@@ -53,6 +53,22 @@ def to_candidates(candidates: Sequence[CandidateLike]) -> list[Candidate]:
     return out
 
 
+def _method_takes(method: str | Method, option: str) -> bool:
+    if not isinstance(method, str):
+        return False
+    from permrank.core.registry import field_names
+    from permrank.engine.methods import METHODS
+
+    return option in field_names(METHODS[method]) if method in METHODS else False
+
+
+def _strategy_takes(strategy: str, option: str) -> bool:
+    from permrank.core.registry import field_names
+    from permrank.core.strategies import STRATEGIES
+
+    return option in field_names(STRATEGIES[strategy]) if strategy in STRATEGIES else False
+
+
 def _group(name: str, group: Any, cls: type, **flat: Any) -> Any:
     """The option group ``group`` (a ``Sampling``, ``Limits`` or ``PromptBudget``), or one built
     from the flat keywords. A flat keyword given (not its default) with a different value than
@@ -237,14 +253,21 @@ class Reranker:
         self.server_info = server_info
         """What the probe learnt (``permrank.backends.probe.ServerInfo``): given (the CLI
         probed already) or learnt before the first request."""
+        # ``top_n`` (places guaranteed at the top) goes to the method when it takes it
+        # (pairwise; unless method_options name it), and to the strategy unless only the
+        # method takes it.
+        method_top_n = top_n if top_n is not None and _method_takes(method, "top_n") else None
         if isinstance(strategy, str):
+            strategy_top_n = top_n
+            if method_top_n is not None and not _strategy_takes(strategy, "top_n"):
+                strategy_top_n = None
             strategy = get_strategy(
                 strategy,
                 window_size=window_size,
                 step=step,
                 passes=passes,
                 top_k=top_k,
-                top_n=top_n,
+                top_n=strategy_top_n,
                 **(strategy_options or {}),
             )
         self.strategy = strategy
@@ -307,9 +330,10 @@ class Reranker:
         if isinstance(method, str):
             from permrank.engine.methods import get_method
 
-            self.method: Method | None = get_method(
-                method, **{"top_k": top_k, **(method_options or {})}
-            )
+            options: dict[str, Any] = {"top_k": top_k, **(method_options or {})}
+            if method_top_n is not None and not {"top_n", "k"} & set(options):
+                options["top_n"] = method_top_n  # method_options' own top_n (or k) comes first
+            self.method: Method | None = get_method(method, **options)
         else:
             self.method = method
         self.pipeline = Pipeline(
