@@ -16,34 +16,28 @@ from pathlib import Path
 import ir_measures
 from ir_measures import nDCG
 
-from permrank import Candidate, Query, Request, Reranker
+from permrank import Limits, Reranker, TopDownPartition
 
 args = sys.argv[1:]
 base_url = args[0] if args else os.environ.get("PERMRANK_BASE_URL", "http://127.0.0.1:8000/v1")
 data = Path(args[1] if len(args) > 1 else "../shared/data/trec-dl19")
 
-requests = []
 with open(data / "candidates.jsonl") as lines:
-    for line in islice(lines, 5):  # the first 5 queries, their BM25 top 100
-        record = json.loads(line)
-        requests.append(
-            Request(
-                query=Query(qid=record["qid"], text=record["query"]),
-                candidates=[Candidate(**c) for c in record["candidates"]],
-            )
-        )
+    # the first 5 queries, their BM25 top 100: {"qid", "query", "candidates": [{"docid", "text"}]}
+    records = [json.loads(line) for line in islice(lines, 5)]
 
-with Reranker("permrank-simulator", base_url, strategy="tdpart", concurrency=16) as reranker:
-    rankings = reranker.rerank_batch(requests)
+strategy, limits = TopDownPartition(top_n=10), Limits(concurrency=16)
+with Reranker("permrank-simulator", base_url, strategy=strategy, limits=limits) as reranker:
+    rankings = reranker.rerank_batch(records)  # also Requests, or (query, documents) pairs
 
 
 def run_of(lists):  # {qid: {docid: score}}, higher is better
     return {qid: {d: float(len(ds) - i) for i, d in enumerate(ds)} for qid, ds in lists}
 
 
-asked = {r.query.qid for r in requests}
+asked = {record["qid"] for record in records}
 qrels = [q for q in ir_measures.read_trec_qrels(str(data / "qrels.txt")) if q.query_id in asked]
-before = run_of((r.query.qid, [c.docid for c in r.candidates]) for r in requests)
+before = run_of((rec["qid"], [c["docid"] for c in rec["candidates"]]) for rec in records)
 after = run_of((r.query.qid, r.docids) for r in rankings)
 calls = sum(r.usage.calls for r in rankings)
 rounds = max(r.usage.rounds for r in rankings)

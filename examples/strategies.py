@@ -9,8 +9,7 @@ every window perfectly; each strategy must then put the true top 10 first, in or
 
 import random
 
-from permrank import SlidingWindow, get_strategy
-from permrank.core.strategies import run_plan
+from permrank import SlidingWindow, TopDownPartition, Tournament, run_plan
 
 rng = random.Random(0)
 # hidden relevance of candidates 0..99; like a first stage, the input order is roughly right
@@ -19,8 +18,8 @@ true_top10 = sorted(range(100), key=lambda i: -relevance[i])[:10]
 
 strategies = [
     SlidingWindow(window_size=20, step=10),
-    get_strategy("tournament", window_size=20, top_n=10),
-    get_strategy("tdpart", window_size=20, top_n=10),
+    Tournament(window_size=20, top_n=10),  # or get_strategy("tournament", top_n=10)
+    TopDownPartition(window_size=20, top_n=10),
 ]
 shown: list[int] = []  # the size of every window a strategy asked for
 

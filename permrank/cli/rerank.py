@@ -22,7 +22,7 @@ from permrank.cli import scaleout
 from permrank.core.errors import ConfigError, PermrankError
 from permrank.core.files import write_json_atomic
 from permrank.core.prompts import render_window
-from permrank.core.strategies import STRATEGIES
+from permrank.core.strategies import STRATEGIES, describe_strategy
 from permrank.core.types import Request, Usage
 from permrank.engine.reranker import Reranker
 from permrank.runs.evaluate import evaluate, read_qrels
@@ -620,7 +620,10 @@ def run_fingerprint(args: argparse.Namespace, reranker: Reranker, *, resolved: b
         "input": {"sha256": args.input_sha256},
         "depth": args.depth,
         "template": {"name": reranker.template.name, "sha256": reranker.template.sha256},
-        "strategy": {"name": type(reranker.strategy).__name__, **vars(reranker.strategy)},
+        "strategy": {
+            "name": type(reranker.strategy).__name__,
+            **describe_strategy(reranker.strategy),
+        },
         "method": pipeline.method.describe() if pipeline.method else {"name": "listwise"},
         "sampling": {
             "temperature": sampling.temperature,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 REPAIR_KINDS = ("ok", "wrong_format", "repetition", "missing", "out_of_range", "refusal")
 """Every kind of repair a parsed window answer can need. ``ok`` means none was needed."""
@@ -22,8 +22,15 @@ class Query(BaseModel):
     text: str
 
 
+def rank_scores(n: int) -> list[float]:
+    """Scores derived from ranks: n for the first, 1 for the last (higher is better)."""
+    return [float(n - i) for i in range(n)]
+
+
 class Candidate(BaseModel):
-    """One first-stage candidate. ``score`` is the first-stage score when there is one."""
+    """One candidate. ``score`` is the first-stage score in a ``Request``; in a ``Ranking`` it
+    is the rank-derived score the JSONL and TREC outputs write (n for the first of n, 1 for the
+    last), and the first-stage score is kept in ``first_stage_score``."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -31,6 +38,8 @@ class Candidate(BaseModel):
     text: str
     title: str | None = None
     score: float | None = None
+    first_stage_score: float | None = None
+    """In a Ranking: the ``score`` the candidate came with (None when it had none)."""
 
 
 class Request(BaseModel):
@@ -154,7 +163,13 @@ class WindowTrace(BaseModel):
 
 
 class Ranking(BaseModel):
-    """The result for one query: candidates in the new order, and how it was obtained."""
+    """The result for one query: candidates in the new order, and how it was obtained.
+
+    ``candidates[i].score`` is ``n - i`` for ``n`` candidates, the score written to the JSONL
+    and TREC outputs (``permrank.runs.io``), so Python and files agree; the score a candidate
+    came with is ``candidates[i].first_stage_score``. A scoring method's own scores (pointwise,
+    likelihood, pairwise, score) are in ``trace[j].score``.
+    """
 
     query: Query
     candidates: list[Candidate]
@@ -166,6 +181,23 @@ class Ranking(BaseModel):
     error: str | None = None
     """Why this query failed (its candidates are then in their input order)."""
     layout: Literal["permrank", "rank_llm"] = "permrank"
+
+    @model_validator(mode="after")
+    def _rank_scored(self) -> Ranking:
+        """Candidates carry their rank-derived score; the first-stage one moves aside once."""
+        scores = rank_scores(len(self.candidates))
+        out = []
+        for candidate, score in zip(self.candidates, scores, strict=True):
+            moved = "first_stage_score" in candidate.model_fields_set
+            if candidate.score == score and moved:
+                out.append(candidate)
+                continue
+            update: dict[str, Any] = {"score": score}
+            if not moved:
+                update["first_stage_score"] = candidate.score
+            out.append(candidate.model_copy(update=update))
+        self.candidates = out
+        return self
 
     @property
     def docids(self) -> list[str]:

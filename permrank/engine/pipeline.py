@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Sampling:
-    """Sampling parameters, always sent explicitly."""
+    """Sampling parameters, always sent explicitly (``Reranker(..., sampling=Sampling(...))``)."""
 
     temperature: float = 0.0
     seed: int | None = None
@@ -48,6 +48,31 @@ class Sampling:
     """Answer budget; by default sized to a full permutation of the window."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Extra request fields (e.g. a grammar), sent as they are."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How hard an endpoint is pushed and how long it is waited for
+    (``Reranker(..., limits=Limits(concurrency=16))``)."""
+
+    concurrency: int = 8
+    """Requests in flight (per endpoint of a pool)."""
+    rps: float | None = None
+    """Requests per second at most (None: no limit)."""
+    timeout_s: float = 120.0
+    """One request's time limit."""
+    max_retries: int = 5
+    """Attempts after a failed one (refused, reset, 429, 5xx, timed out)."""
+    transport: str = "auto"
+    """``auto`` (aiohttp for ``http://`` without a proxy, else the openai SDK), ``openai`` or
+    ``aiohttp``."""
+    max_response_bytes: int = 32 * 1024 * 1024
+    """The largest answer read."""
+
+
+Budget = PromptBudget
+"""How much of a prompt passages may take (``max_passage_tokens``, ``context_window``,
+``max_query_tokens``): ``Reranker(..., budget=Budget(context_window=32768))``."""
 
 
 class MemoTokenizer:

@@ -1,4 +1,9 @@
-"""``Reranker(model, base_url).rank(query, documents)``: the Python API over the engine."""
+"""``Reranker(model, base_url).rank(query, documents)``: the Python API over the engine.
+
+Longer than 400 lines for a reason: ``Reranker`` is the API's one entry point; its constructor
+maps every flat keyword and option group onto a backend, a strategy and a method, and its
+docstring is the options' reference. Input normalisation lives in ``engine/inputs.py``.
+"""
 
 from __future__ import annotations
 
@@ -17,40 +22,27 @@ from permrank.core.prompts import (
     Template,
     load_template,
 )
-from permrank.core.strategies import Strategy, get_strategy
+from permrank.core.strategies import Strategy, describe_strategy, get_strategy
 from permrank.core.tokens import (
     Tokenizer,
     default_tokenizer,
 )
-from permrank.core.types import Candidate, Query, Ranking, Request, Usage
+from permrank.core.types import Query, Ranking, Request, Usage
+from permrank.engine.inputs import (
+    CandidateLike,
+    RequestLike,
+    method_takes,
+    option_group,
+    strategy_takes,
+    to_candidates,
+    to_request,
+    to_requests,
+)
 from permrank.engine.methods.base import Method
-from permrank.engine.pipeline import MemoTokenizer, Pipeline, Sampling, rerank_request
+from permrank.engine.pipeline import Limits, MemoTokenizer, Pipeline, Sampling, rerank_request
 from permrank.engine.stream import OnError, rerank_stream
 
 log = logging.getLogger(__name__)
-
-
-CandidateLike = Candidate | str | dict[str, Any]
-
-
-def to_candidates(candidates: Sequence[CandidateLike]) -> list[Candidate]:
-    """Accept strings, dicts (``text`` or ``contents``, optional ``docid``) or Candidates."""
-    out = []
-    for i, c in enumerate(candidates):
-        if isinstance(c, Candidate):
-            out.append(c)
-        elif isinstance(c, str):
-            out.append(Candidate(docid=str(i), text=c))
-        elif isinstance(c, dict):
-            data = dict(c)
-            data.setdefault("docid", str(i))
-            data["docid"] = str(data["docid"])
-            if "text" not in data:
-                data["text"] = data.pop("contents", None) or data.pop("segment", None) or ""
-            out.append(Candidate(**data))
-        else:
-            raise ConfigError(f"candidate {i}: expected a string, a dict or a Candidate")
-    return out
 
 
 class _LoopThread:
@@ -68,8 +60,16 @@ class _LoopThread:
 class Reranker:
     """Rerank with an LLM: ``Reranker(model, base_url).rank(query, documents)``.
 
-    Options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy value),
-    ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
+    Options come in a few groups: ``strategy`` (a value such as ``TopDownPartition(top_n=10)``
+    or a name), ``method`` (a name or ``get_method(...)``), ``prompt``, ``sampling``
+    (``Sampling(temperature, seed, max_tokens, extra)``), ``limits`` (``Limits(concurrency, rps,
+    timeout_s, max_retries, transport, max_response_bytes)``), ``budget``
+    (``Budget(max_passage_tokens, context_window)``), ``cache`` and ``on_error``. Every group's
+    field is also a flat keyword (``temperature=0``, ``concurrency=16``, ``extra_body`` for
+    ``Sampling.extra``); a flat keyword and its group that disagree are a ``ConfigError``.
+
+    The flat options name what they are: ``strategy`` (a name of ``STRATEGIES`` or a Strategy
+    value), ``window_size``, ``step`` and ``passes`` (sliding; 10 and 1 when left out), ``top_k``,
     ``top_n`` (tournament, tdpart), ``strategy_options`` (any other strategy parameter, e.g.
     ``{"shuffles": 3}``), ``prompt`` (a shipped template's name or a TOML path),
     ``temperature``, ``seed``, ``concurrency`` (requests in flight), ``rps`` (requests per second),
@@ -123,19 +123,59 @@ class Reranker:
         cache: str | Path | None = None,
         constrain: str | None = None,
         server_info: Any = None,
+        sampling: Sampling | None = None,
+        limits: Limits | None = None,
+        budget: PromptBudget | None = None,
     ):
+        sampling = option_group(
+            "sampling",
+            sampling,
+            Sampling,
+            temperature=temperature,
+            seed=seed,
+            max_tokens=max_tokens,
+            extra=extra_body or {},
+        )
+        limits = option_group(
+            "limits",
+            limits,
+            Limits,
+            concurrency=concurrency,
+            rps=rps,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            transport=transport,
+            max_response_bytes=max_response_bytes,
+        )
+        budget = option_group(
+            "budget",
+            budget,
+            PromptBudget,
+            max_passage_tokens=max_passage_tokens,
+            context_window=context_window,
+        )
+        concurrency, rps, timeout_s = limits.concurrency, limits.rps, limits.timeout_s
+        max_retries, transport = limits.max_retries, limits.transport
+        max_response_bytes, context_window = limits.max_response_bytes, budget.context_window
         self._to_probe: tuple[str | list[str], str, str, float] | None = None
         self.server_info = server_info
         """What the probe learnt (``permrank.backends.probe.ServerInfo``): given (the CLI
         probed already) or learnt before the first request."""
+        # ``top_n`` (places guaranteed at the top) goes to the method when it takes it
+        # (pairwise; unless method_options name it), and to the strategy unless only the
+        # method takes it.
+        method_top_n = top_n if top_n is not None and method_takes(method, "top_n") else None
         if isinstance(strategy, str):
+            strategy_top_n = top_n
+            if method_top_n is not None and not strategy_takes(strategy, "top_n"):
+                strategy_top_n = None
             strategy = get_strategy(
                 strategy,
                 window_size=window_size,
                 step=step,
                 passes=passes,
                 top_k=top_k,
-                top_n=top_n,
+                top_n=strategy_top_n,
                 **(strategy_options or {}),
             )
         self.strategy = strategy
@@ -198,9 +238,10 @@ class Reranker:
         if isinstance(method, str):
             from permrank.engine.methods import get_method
 
-            self.method: Method | None = get_method(
-                method, **{"top_k": top_k, **(method_options or {})}
-            )
+            options: dict[str, Any] = {"top_k": top_k, **(method_options or {})}
+            if method_top_n is not None and not {"top_n", "k"} & set(options):
+                options["top_n"] = method_top_n  # method_options' own top_n (or k) comes first
+            self.method: Method | None = get_method(method, **options)
         else:
             self.method = method
         self.pipeline = Pipeline(
@@ -208,12 +249,8 @@ class Reranker:
             strategy=self.strategy,
             template=self.template,
             backend=self.backend,
-            sampling=Sampling(
-                temperature=temperature, seed=seed, max_tokens=max_tokens, extra=extra_body or {}
-            ),
-            budget=PromptBudget(
-                max_passage_tokens=max_passage_tokens, context_window=context_window
-            ),
+            sampling=sampling,
+            budget=budget,
             tokenizer=MemoTokenizer(tokenizer or default_tokenizer()),
         )
         self.constrain = constrain
@@ -287,14 +324,17 @@ class Reranker:
 
     # -- many queries ------------------------------------------------------------------------
     async def astream(
-        self, requests: Iterable[Request], *, spent: Usage | None = None
+        self, requests: Iterable[RequestLike], *, spent: Usage | None = None
     ) -> AsyncGenerator[Ranking, None]:
         """Rankings in input order; ``spent`` is charged with every answer as it arrives
-        (see ``rerank_stream``). The endpoint is probed first (``aprobe``)."""
+        (see ``rerank_stream``). The endpoint is probed first (``aprobe``). ``requests`` are
+        ``Request``s, ``(query, documents)`` pairs or dicts (see ``to_request``)."""
         await self.aprobe()
         stream = rerank_stream(
             self.pipeline,
-            requests,
+            [to_request(r, i) for i, r in enumerate(requests)]  # refused before any call
+            if isinstance(requests, list | tuple)
+            else to_requests(requests),
             max_queries_in_flight=max(4, 2 * self.concurrency),
             on_error=self.on_error,
             spent=spent,
@@ -305,16 +345,18 @@ class Reranker:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
-    async def arerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
+    async def arerank_batch(self, requests: Iterable[RequestLike]) -> list[Ranking]:
         return [ranking async for ranking in self.astream(requests)]
 
-    def rerank_batch(self, requests: Iterable[Request]) -> list[Ranking]:
-        """Rerank many queries at once; Rankings in input order."""
+    def rerank_batch(self, requests: Iterable[RequestLike]) -> list[Ranking]:
+        """Rerank many queries at once; Rankings in input order. ``requests`` are ``Request``s,
+        ``(query, documents)`` pairs or dicts ``{"query", "documents", "qid"?}``, documents being
+        strings, dicts or Candidates (as ``rank`` takes)."""
         return self._sync(self.arerank_batch(requests))
 
     def manifest(self) -> dict[str, Any]:
         """Every parameter of this reranker, for a run manifest (no secrets)."""
-        strategy = {k: v for k, v in vars(self.strategy).items()}
+        strategy = describe_strategy(self.strategy)
         return {
             "strategy": strategy,
             "template": {
@@ -362,3 +404,43 @@ class Reranker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_MOVED_FROM_RERANK = (
+    "permrank.engine.pipeline",
+    "permrank.engine.stream",
+    "permrank.engine.usage",
+    "permrank.core.types",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The names the old ``permrank.rerank`` module had (``ask_window``, ``drive_strategy``,
+    ``failed_ranking``, ``usage_of``...) that now live in the engine's other modules."""
+    import importlib
+
+    for module in _MOVED_FROM_RERANK:
+        found = getattr(importlib.import_module(module), name, _MISSING)
+        if found is not _MISSING:
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_MISSING = object()
+
+
+def rank(
+    query: str,
+    documents: Sequence[CandidateLike],
+    *,
+    model: str | None = None,
+    base_url: str | Sequence[str | tuple[str, float]] | None = None,
+    qid: str = "0",
+    **options: Any,
+) -> Ranking:
+    """Rerank ``documents`` for ``query`` in one call: a ``Reranker(model, base_url,
+    **options)`` used once and closed. For many queries keep one ``Reranker`` (its connections
+    and caches are reused) or use ``Reranker.rerank_batch``."""
+    with Reranker(model, base_url, **options) as reranker:
+        ranking: Ranking = reranker.rank(query, documents, qid=qid)
+        return ranking

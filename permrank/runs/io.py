@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from permrank.core.errors import InputError
-from permrank.core.types import Candidate, Query, Ranking, Request
+from permrank.core.types import Candidate, Query, Ranking, Request, rank_scores
 
 log = logging.getLogger(__name__)
 
@@ -239,18 +239,14 @@ def requests_from_records(records: Iterable[dict[str, Any]]) -> list[Request]:
     return [parse_request(r, line=i) for i, r in enumerate(records, 1)]
 
 
-def rank_scores(n: int) -> list[float]:
-    """Scores derived from ranks: n for the first, 1 for the last (higher is better)."""
-    return [float(n - i) for i in range(n)]
-
-
 def ranking_record(ranking: Ranking) -> dict[str, Any]:
     """A Ranking as a JSON record in the layout its request was read in."""
-    scores = rank_scores(len(ranking.candidates))
+    scores = rank_scores(len(ranking.candidates))  # what Ranking's candidates carry too
     candidates = []
     for candidate, score in zip(ranking.candidates, scores, strict=True):
         data = candidate.model_dump()
         data["score"] = score
+        data.pop("first_stage_score", None)  # Python's view of the input's score, not output
         if ranking.layout == "rank_llm":  # the text lives in "doc", as it was read
             data.pop("text", None)
             doc = data.get("doc") if isinstance(data.get("doc"), dict) else None

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from permrank.core.errors import BackendError, ConfigError, EndpointUnavailable, PermrankError
-from permrank.core.strategies import STRATEGIES, get_strategy
+from permrank.core.strategies import STRATEGIES, describe_strategy, get_strategy
 from permrank.core.types import Candidate, Query, Ranking
 from permrank.core.types import Request as RerankInput
 from permrank.engine.methods import get_method
@@ -433,7 +433,7 @@ def create_app(
             row["relevance_score"] = score
             row["text"] = texts[row["index"]]
         return {
-            "strategy": {"name": strategy_name(pipeline), **vars(pipeline.strategy)},
+            "strategy": {"name": strategy_name(pipeline), **describe_strategy(pipeline.strategy)},
             "method": method_name(pipeline),
             "uses_strategy": method_name(pipeline) in ("listwise", "first"),
             "order": rows,

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from permrank.core.errors import ConfigError
+from permrank.core.registry import build
 from permrank.core.strategies.base import Plan, Strategy, Window, run_plan
-from permrank.core.strategies.selfconsistency import SelfConsistency
+from permrank.core.strategies.selfconsistency import SelfConsistency, describe_strategy
 from permrank.core.strategies.sliding import SlidingWindow, window_bounds
 from permrank.core.strategies.tdpart import TopDownPartition
 from permrank.core.strategies.tournament import Tournament
@@ -35,18 +35,14 @@ def register(name: str, cls: type) -> None:
 
 
 def get_strategy(name: str = "sliding", **params: Any) -> Strategy:
-    """Build a strategy by name; parameters a strategy does not take are ignored if None."""
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown strategy {name!r}; choose one of: {', '.join(sorted(STRATEGIES))}"
-        ) from None
-    fields = getattr(cls, "__dataclass_fields__", {})
-    unknown = [k for k, v in params.items() if k not in fields and v is not None]
-    if unknown:
-        raise ConfigError(f"strategy {name!r} does not take {', '.join(unknown)}")
-    return cls(**{k: v for k, v in params.items() if k in fields and v is not None})
+    """Build a strategy by name; parameters a strategy does not take are ignored if None.
+
+    ``get_strategy("selfconsistency", inner="tdpart", top_n=10)`` builds the inner strategy from
+    its name and the parameters it takes; ``SelfConsistency(TopDownPartition(top_n=10))`` is the
+    same value.
+    """
+    strategy: Strategy = build("strategy", STRATEGIES, name, params)
+    return strategy
 
 
 __all__ = [
@@ -58,6 +54,7 @@ __all__ = [
     "TopDownPartition",
     "Tournament",
     "Window",
+    "describe_strategy",
     "get_strategy",
     "register",
     "run_plan",

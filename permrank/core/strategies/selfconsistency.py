@@ -15,9 +15,12 @@ cancels out. Calls and tokens grow ``shuffles`` times; rounds stay those of the 
 Ties keep the window's planned order. Shuffles are seeded by ``seed`` and the window's
 candidates, so a run is repeatable.
 
-Use it by name, ``get_strategy("selfconsistency", inner="tournament", shuffles=3)``; the other
-parameters (``window_size``, ``step``, ``passes``, ``top_k``, ``top_n``, ``early_stop``) go to
-the inner strategy.
+It wraps a strategy value, ``SelfConsistency(TopDownPartition(top_n=10), shuffles=3,
+aggregate="kemeny")``. The older form names the inner strategy and copies its parameters,
+``get_strategy("selfconsistency", inner="tournament", shuffles=3, top_n=10)`` (the CLI's
+``--inner``): ``window_size``, ``step``, ``passes``, ``top_k``, ``top_n`` and ``early_stop`` then go
+to the inner strategy. Either way ``inner`` is a strategy value once built, and those copied
+fields show the inner strategy's values (for the manifest; see ``describe``).
 """
 
 from __future__ import annotations
@@ -70,9 +73,15 @@ def shuffled(window: Window, copy: int, seed: int) -> Window:
     return order
 
 
+INNER_FIELDS = ("window_size", "step", "passes", "top_k", "top_n", "early_stop")
+"""The inner strategy's parameters the name-plus-fields form copies."""
+
+
 @dataclass(frozen=True)
 class SelfConsistency:
-    inner: str = "sliding"
+    inner: Strategy | str = "sliding"
+    """The strategy whose windows are asked in several orders: a value, or a name (with the
+    fields below as its parameters)."""
     shuffles: int = 3
     aggregate: Literal["borda", "kemeny"] = "borda"
     seed: int = 0
@@ -94,22 +103,47 @@ class SelfConsistency:
             raise ConfigError(
                 f"aggregate must be one of {', '.join(AGGREGATES)} (got {self.aggregate!r})"
             )
-        if self.inner == self.name:
-            raise ConfigError("selfconsistency cannot wrap itself; name another --inner strategy")
-        self.inner_strategy()  # refuse bad inner parameters now, not at the first query
+        inner = self.inner
+        if isinstance(inner, str):
+            if inner == self.name:
+                raise ConfigError(
+                    "selfconsistency cannot wrap itself; name another --inner strategy"
+                )
+            from permrank.core.strategies import get_strategy
+
+            # Refuses bad inner parameters now, not at the first query.
+            inner = get_strategy(inner, **{f: getattr(self, f) for f in INNER_FIELDS})
+        else:
+            if isinstance(inner, SelfConsistency):
+                raise ConfigError("selfconsistency cannot wrap itself; wrap another strategy")
+            if not hasattr(inner, "plan"):
+                raise ConfigError(
+                    f"SelfConsistency wraps a strategy (e.g. TopDownPartition(top_n=10)) or a "
+                    f"strategy's name, not {inner!r}"
+                )
+            given = [f for f in INNER_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ConfigError(
+                    f"SelfConsistency({type(inner).__name__}(...)) takes {', '.join(given)} "
+                    "from the strategy it wraps: give them to that strategy"
+                )
+        object.__setattr__(self, "inner", inner)
+        for f in INNER_FIELDS:  # what the inner strategy uses, for the manifest
+            object.__setattr__(self, f, getattr(inner, f, None))
 
     def inner_strategy(self) -> Strategy:
-        from permrank.core.strategies import get_strategy
+        assert not isinstance(self.inner, str)  # a name is built in __post_init__
+        return self.inner
 
-        params: dict[str, Any] = {
-            "window_size": self.window_size,
-            "step": self.step,
-            "passes": self.passes,
-            "top_k": self.top_k,
-            "top_n": self.top_n,
-            "early_stop": self.early_stop,
+    def describe(self) -> dict[str, Any]:
+        """The manifest's form: ``inner`` is the inner strategy's name, its parameters in the
+        copied fields and all of them under ``inner_options``."""
+        inner = self.inner_strategy()
+        return {
+            **vars(self),
+            "inner": inner.name,
+            "inner_options": describe_strategy(inner),
         }
-        return get_strategy(self.inner, **params)
 
     def plan(self, n: int) -> Plan:
         combine = borda if self.aggregate == "borda" else kemeny
@@ -128,3 +162,11 @@ class SelfConsistency:
                 batch = inner.send(merged)
         except StopIteration as stop:
             return list(stop.value)
+
+
+def describe_strategy(strategy: Strategy) -> dict[str, Any]:
+    """A strategy's parameters as plain JSON values (for a manifest)."""
+    describe = getattr(strategy, "describe", None)
+    if describe is not None:
+        return dict(describe())
+    return dict(vars(strategy))

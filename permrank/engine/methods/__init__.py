@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from permrank.core.errors import ConfigError
 from permrank.core.logprobs import LogprobsUnavailable
+from permrank.core.registry import build, check_options
 from permrank.engine.methods.base import Method, PassageScorer
 from permrank.engine.methods.first import First
 from permrank.engine.methods.likelihood import Likelihood
@@ -44,22 +44,12 @@ def get_method(name: str, **options: Any) -> Method | None:
     path). Options that are None are left at their defaults; an option the method does not take
     is refused, except the shared ones."""
     if name == "listwise":
-        unknown = [k for k, v in options.items() if v is not None and k not in SHARED_OPTIONS]
-        if unknown:
-            raise ConfigError(f"method 'listwise' does not take {', '.join(unknown)}")
+        check_options("method", name, set(), options, SHARED_OPTIONS)
         return None
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown method {name!r}; choose one of: {', '.join(METHOD_NAMES)}"
-        ) from None
-    fields = {k for k in getattr(cls, "__dataclass_fields__", {}) if not k.startswith("_")}
-    unknown = [k for k, v in options.items() if v is not None and k not in fields]
-    unknown = [k for k in unknown if k not in SHARED_OPTIONS]
-    if unknown:
-        raise ConfigError(f"method {name!r} does not take {', '.join(unknown)}")
-    return cls(**{k: v for k, v in options.items() if v is not None and k in fields})
+    method: Method = build(
+        "method", METHODS, name, options, shared=SHARED_OPTIONS, known=METHOD_NAMES
+    )
+    return method
 
 
 __all__ = [

@@ -8,8 +8,9 @@ How the comparisons are chosen and merged is a pure generator, like a strategy's
 a batch of pairs ``(i, j)``, is sent P(i beats j) for each, and returns the order. Three ship:
 - ``allpairs``: every pair of the first ``top_k`` candidates in one batch (m(m-1)/2 comparisons,
   one round); a candidate's score is its summed preference probability.
-- ``sliding``: ``k`` bubble-sort passes from the bottom (PRP-Sliding-K), one comparison a round.
-- ``heap``: a bounded heap of the best ``k`` seen, then sorted: O(m log k) comparisons.
+- ``sliding``: ``top_n`` (PRP's ``k``) bubble-sort passes from the bottom (PRP-Sliding-K),
+  one comparison a round.
+- ``heap``: a bounded heap of the best ``top_n`` seen, then sorted: O(m log k) comparisons.
 A preference of exactly 0.5 keeps the first-stage order. The driver never asks a pair twice.
 """
 
@@ -169,8 +170,10 @@ def first_shown_probability(top: list[tuple[str, float]]) -> float:
 @dataclass(frozen=True)
 class Pairwise:
     aggregation: str = "heap"
-    k: int = 10
-    """How many of the top places sliding and heap sort (allpairs orders all)."""
+    top_n: int = 10
+    """Places guaranteed at the top: how many of them sliding and heap sort (allpairs orders
+    all); the strategies' ``top_n``. ``k`` (PRP's name, the CLI's ``--pairwise-k``) is an
+    alias."""
     both_orders: bool = True
     top_logprobs: int = 5
     max_tokens: int = 4
@@ -179,13 +182,25 @@ class Pairwise:
     top_k: int | None = None
     """Compare only the first ``top_k`` candidates; the rest follow in input order."""
     name: str = "pairwise"
+    k: int | None = None
+    """The older name of ``top_n``."""
 
     def __post_init__(self) -> None:
+        if self.k is not None:
+            if self.k < 1:
+                raise ConfigError(f"k must be at least 1 (got {self.k}; k is top_n's older name)")
+            if self.top_n not in (10, self.k):
+                raise ConfigError(
+                    f"pairwise: top_n={self.top_n} and k={self.k} disagree; k is top_n's older "
+                    "name, give one of them"
+                )
+            object.__setattr__(self, "top_n", self.k)
+            object.__setattr__(self, "k", None)
         check_choice(self.aggregation, AGGREGATIONS, "aggregation")
         check_choice(self.route, ("chat", "completions"), "route")
         check_top_k(self.top_k)
-        if self.k < 1:
-            raise ConfigError(f"k must be at least 1 (got {self.k})")
+        if self.top_n < 1:
+            raise ConfigError(f"top_n (pairwise k) must be at least 1 (got {self.top_n})")
 
     async def _ask(
         self, pipeline: Pipeline, request: Request, a: int, b: int, round_index: int
@@ -235,8 +250,8 @@ class Pairwise:
                 return answers[0][0]
             return (answers[0][0] + 1.0 - answers[1][0]) / 2
 
-        order, rounds = await drive_pairs(pair_plan(self.aggregation, m, self.k), prefer)
+        order, rounds = await drive_pairs(pair_plan(self.aggregation, m, self.top_n), prefer)
         return ranking_of(request, order + list(range(m, n)), trace, rounds, started)
 
     def describe(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if k != "k"}
