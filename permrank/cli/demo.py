@@ -11,6 +11,7 @@ import argparse
 import itertools
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from permrank.cli.rerank import (
     add_model_options,
@@ -20,9 +21,9 @@ from permrank.cli.rerank import (
     summary_lines,
 )
 from permrank.core.errors import ConfigError
-from permrank.core.types import Request, Usage
-from permrank.runs.evaluate import evaluate, read_qrels, run_of
-from permrank.runs.io import read_requests
+
+if TYPE_CHECKING:
+    from permrank.core.types import Request
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_CHOICES = (
@@ -72,6 +73,8 @@ def data_folder(given: str | None) -> Path:
 
 
 def slice_of(path: Path, queries: int, depth: int) -> list[Request]:
+    from permrank.runs.io import read_requests
+
     requests = []
     for request in itertools.islice(read_requests(path), queries):
         request.candidates = request.candidates[:depth]
@@ -80,6 +83,9 @@ def slice_of(path: Path, queries: int, depth: int) -> list[Request]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from permrank.core.types import Usage
+    from permrank.runs.evaluate import evaluate, read_qrels, run_of
+
     if args.queries < 1 or args.depth < 2:
         raise ConfigError("--queries must be at least 1 and --depth at least 2")
     if not args.cache:  # the demo measures calls, tokens and time: no answers from a cache

@@ -12,36 +12,23 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
-
-from permrank.backends.cache import default_cache_path
-from permrank.backends.probe import Endpoint, endpoint
 from permrank.cli import scaleout
 from permrank.core.errors import ConfigError, PermrankError
-from permrank.core.files import write_json_atomic
-from permrank.core.prompts import render_window
 from permrank.core.strategies import STRATEGIES
-from permrank.core.types import Request, Usage
-from permrank.engine.reranker import Reranker
-from permrank.runs.evaluate import evaluate, read_qrels
-from permrank.runs.io import (
-    OutputWriter,
-    iter_output_records,
-    ranking_line,
-    read_requests,
-    record_docids,
-    record_qid,
-    recover_output,
-    trec_lines,
-    trec_lines_of,
-    validate_requests,
-)
-from permrank.runs.manifest import build_manifest, now
-from permrank.runs.store import RunStore, file_sha256, model_file_identity
+
+# Heavy modules (aiohttp, pydantic models, ir_measures, tqdm) are imported where they are used,
+# so that ``permrank --help`` and the other commands do not pay for them.
+if TYPE_CHECKING:
+    from permrank.backends.probe import Endpoint
+    from permrank.core.types import Request, Usage
+    from permrank.engine.reranker import Reranker
+    from permrank.runs.store import RunStore
 
 log = logging.getLogger(__name__)
+
+METHOD_NAMES = ("listwise", "pointwise", "likelihood", "first", "pairwise", "score")
 
 DEFAULT_CONTEXT_WINDOW = 8192
 DEFAULT_TIMEOUT_S = 120.0
@@ -210,13 +197,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="context per window of the embedded server in tokens (4096)",
     )
 
-    from permrank.engine.methods import METHOD_NAMES
-
     g = parser.add_argument_group("scoring method")
     g.add_argument(
         "--method",
         default="listwise",
-        choices=METHOD_NAMES,
+        choices=METHOD_NAMES,  # engine.methods.METHOD_NAMES (a test keeps them equal)
         help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
         "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
         "pairwise (A-or-B comparisons, PRP), score (a learned head's scores through the "
@@ -263,6 +248,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
+    from permrank.engine.reranker import Reranker
+
     endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
     scaleout.endpoints_of(args)  # --endpoints FILE read, args.base_url its first
@@ -377,6 +364,8 @@ def embedded_notice(args: argparse.Namespace) -> str:
 @contextlib.contextmanager
 def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
     """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
+    from permrank.backends.probe import endpoint
+
     quiet = getattr(args, "quiet", False)
     if not args.base_url and not getattr(args, "notice_shown", False):
         print(embedded_notice(args), file=sys.stderr, flush=True)  # before the slow start
@@ -439,6 +428,8 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
 
 def cache_path_of(args: argparse.Namespace) -> Path | None:
     """The response cache the flags ask for (``--cache PATH``, ``--no-cache``, or the default)."""
+    from permrank.backends.cache import default_cache_path
+
     if getattr(args, "no_cache", False):
         return None
     path = getattr(args, "cache", None)
@@ -519,6 +510,8 @@ def constrain_line(mode: str, totals: Usage) -> str:
 
 def check_prompt_fits(reranker: Reranker) -> None:
     """Refuse a window that cannot fit the context, before any call (not at the first window)."""
+    from permrank.core.prompts import render_window
+
     pipeline = reranker.pipeline
     size = int(getattr(reranker.strategy, "window_size", 20) or 20)
     render_window(
@@ -534,6 +527,15 @@ def check_prompt_fits(reranker: Reranker) -> None:
 def prepare_outputs(args: argparse.Namespace) -> set[str]:
     """Start afresh (``--overwrite``, or no output yet) or repair a killed run's output; the
     qids already done. The TREC run is rebuilt from the JSONL, so the two always agree."""
+    from permrank.runs.io import (
+        OutputWriter,
+        iter_output_records,
+        record_docids,
+        record_qid,
+        recover_output,
+        trec_lines_of,
+    )
+
     out_path = Path(args.output)
     if args.trec and out_path.resolve() == Path(args.trec).resolve():
         raise ConfigError(f"--output {args.output} is also --trec: give another --trec path")
@@ -563,6 +565,9 @@ def prepare_outputs(args: argparse.Namespace) -> set[str]:
 
 def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] | None]:
     """Refuse bad flags and bad input before any model call; the query count and the qrels."""
+    from permrank.runs.io import validate_requests
+    from permrank.runs.store import file_sha256
+
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
     if args.depth is not None and args.depth < 1:
@@ -575,7 +580,11 @@ def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] |
         )
     scaleout.check(args)
     n_queries, _ = validate_requests(args.input, args.limit)
-    qrels = read_qrels(args.qrels) if args.qrels else None
+    qrels = None
+    if args.qrels:  # ir_measures is imported only when there is something to measure
+        from permrank.runs.evaluate import read_qrels
+
+        qrels = read_qrels(args.qrels)
     args.input_sha256 = file_sha256(args.input)
     reranker = check_settings(args)
     # An output made with other settings is refused now: before any server starts.
@@ -585,6 +594,8 @@ def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] |
 
 def run_store(args: argparse.Namespace) -> RunStore:
     """The output and the record of what made it (``OUTPUT.run.json``)."""
+    from permrank.runs.store import RunStore
+
     store = RunStore(
         args.output, f"{args.output}.run.json", overwrite=args.overwrite, flag="--output"
     )
@@ -595,6 +606,8 @@ def run_store(args: argparse.Namespace) -> RunStore:
 def endpoint_identity(args: argparse.Namespace, resolved: bool) -> str | None:
     """Where answers come from: the endpoint's URL, or the local model file's identity (never
     the embedded server's random port); None when not known before the endpoint is."""
+    from permrank.runs.store import model_file_identity
+
     if getattr(args, "backend", "openai") == "vllm":
         return f"vllm in this process: {args.model or '(the default model folder)'}"
     found: Endpoint | None = getattr(args, "endpoint", None)
@@ -653,6 +666,13 @@ def run(
     args: argparse.Namespace,
     prepared: tuple[int, dict[str, dict[str, int]] | None] | None = None,
 ) -> int:
+    from tqdm import tqdm
+
+    from permrank.core.files import write_json_atomic
+    from permrank.core.types import Usage
+    from permrank.runs.io import OutputWriter, ranking_line, read_requests, trec_lines
+    from permrank.runs.manifest import build_manifest, now
+
     n_queries, qrels = prepared if prepared is not None else precheck(args)
     reranker = reranker_from_args(args, on_error=args.on_error)
     check_prompt_fits(reranker)  # the endpoint was probed before (backends.probe)
@@ -778,6 +798,8 @@ def run(
         if reranker.constrain:
             print(constrain_line(reranker.constrain, session))
         if qrels is not None:
+            from permrank.runs.evaluate import evaluate
+
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
             after = evaluate(run_of_output(args.output), qrels, ["nDCG@10"])
@@ -797,6 +819,8 @@ def session_usage(finished: Usage, spent: Usage) -> Usage:
 
 
 def run_of_output(path: str) -> dict[str, dict[str, float]]:
+    from permrank.runs.io import iter_output_records, record_docids, record_qid
+
     run: dict[str, dict[str, float]] = {}
     for record in iter_output_records(path):
         docids = record_docids(record)

@@ -33,11 +33,13 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from permrank.core.errors import ConfigError, InputError
 from permrank.core.files import write_json_atomic
-from permrank.core.types import Ranking, Request
+
+if TYPE_CHECKING:  # annotations only: the CLI reads FORMATS etc. without pydantic
+    from permrank.core.types import Ranking, Request
 
 log = logging.getLogger(__name__)
 

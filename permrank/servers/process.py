@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, Self
 
-import httpx
-
 from permrank.core.errors import EndpointUnavailable
 
 log = logging.getLogger(__name__)
@@ -299,6 +297,8 @@ class ManagedServer:
         stop_at_exit(self)
 
     def _wait_ready(self) -> None:
+        import httpx  # here: `permrank --help` registers the serve commands without it
+
         assert self.process is not None
         deadline = time.monotonic() + self.ready_timeout_s
         with httpx.Client(timeout=self.health_timeout_s) as client:
