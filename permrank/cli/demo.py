@@ -98,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
     with model_endpoint(args) as args.endpoint:
         started = time.perf_counter() - t0
         info = args.endpoint.info
+        context = (
+            f"; context {info.context_window} tokens" if info.context_window else ""
+        )  # a server that does not say its context: nothing printed rather than "None"
         print(
-            f"model: {info.model} ({info.kind} at {info.base_url}, ready in {started:.1f} s; "
-            f"context {info.context_window} tokens)",
+            f"model: {info.model} ({info.kind} at {info.base_url}, ready in {started:.1f} s"
+            f"{context})",
             flush=True,
         )
         with reranker_from_args(args) as reranker:
@@ -115,11 +118,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"nDCG@10: {before:.4f} (BM25) -> {after:.4f} (reranked by {info.model})")
     for line in summary_lines(totals, len(rankings), seconds):
         print(line)
-    if seconds > 0:
+    if seconds > 0 and info.kind != "simulator":  # a simulator's speed says nothing
         print(
-            f"throughput: {totals.prompt_tokens / seconds:.0f} prompt + "
-            f"{totals.completion_tokens / seconds:.0f} completion tokens/s "
-            f"(server start {started:.1f} s not included)"
+            f"speed: the model read {totals.prompt_tokens / seconds:.0f} prompt tokens and "
+            f"wrote {totals.completion_tokens / seconds:.0f} answer tokens a second "
+            f"(its {started:.1f} s start not counted)"
         )
     if args.endpoint.server is not None:
         print()

@@ -491,15 +491,30 @@ def limited(requests: Iterator[Request], limit: int | None, depth: int | None) -
 
 
 def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
+    """The end of a run in plain words: what was asked of the model and what it answered."""
     repairs = ", ".join(f"{k} {v}" for k, v in totals.repairs.items() if v)
-    return [
-        f"{queries} queries in {seconds:.1f} s: {totals.calls} calls "
-        f"({totals.cached_calls} from cache), "
-        f"{totals.rounds / max(1, queries):.1f} sequential rounds per query",
-        f"tokens: {totals.prompt_tokens} prompt + {totals.completion_tokens} completion "
-        f"= {totals.total_tokens}",
+    in_a_row = totals.rounds / max(1, queries)
+    lines = [
+        # "N queries in", "N calls": the words earlier versions printed, kept for scripts
+        f"{queries} queries in {seconds:.1f} s: {totals.calls} calls to the model, "
+        f"{totals.cached_calls} {plural(totals.cached_calls, 'answer')} from the cache",
+        f"tokens: {totals.prompt_tokens} in prompts, {totals.completion_tokens} in answers "
+        f"({totals.total_tokens} in all)",
         f"window answers: {repairs or 'none'}",
     ]
+    if totals.rounds:
+        lines.insert(
+            1,
+            f"per query: {in_a_row:.3g} {plural(in_a_row, 'round')} of windows, one after "
+            "another (the windows of a round are asked together)",
+        )
+    if not queries and not totals.calls and not totals.cached_calls:
+        return [f"0 queries left to rerank ({seconds:.1f} s): nothing asked of the model"]
+    return lines
+
+
+def plural(count: float, one: str, many: str | None = None) -> str:
+    return one if count == 1 else (many or one + "s")
 
 
 def constrain_line(mode: str, totals: Usage) -> str:
@@ -792,7 +807,7 @@ def run(
             whole = store.totals(session)
             print(
                 f"with the earlier runs of {args.output}: {len(done_before) + done} queries, "
-                f"{whole.calls} calls, {whole.total_tokens} tokens, "
+                f"{whole.calls} calls to the model, {whole.total_tokens} tokens, "
                 f"{store.seconds(seconds):.1f} s"
             )
         if reranker.constrain:
