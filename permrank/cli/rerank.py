@@ -121,7 +121,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--top-n",
         type=int,
         default=None,
-        help="tournament, tdpart: leading places guaranteed under a perfect judge (10)",
+        help="places guaranteed at the top: tournament and tdpart put the true top N of a "
+        "perfect judge first; --method pairwise (sliding, heap) sorts the first N (10)",
     )
     g.add_argument(
         "--shuffles",
@@ -224,7 +225,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="pairwise: how comparisons are chosen and merged (heap)",
     )
     g.add_argument(
-        "--pairwise-k", type=int, help="pairwise sliding/heap: places sorted at the top (10)"
+        "--pairwise-k",
+        type=int,
+        dest="pairwise_k",
+        help="the same as --top-n for --method pairwise (older name)",
     )
     g.add_argument(
         "--top-logprobs",
@@ -296,7 +300,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         step=args.step,
         passes=args.passes,
         top_k=args.top_k,
-        top_n=args.top_n,
+        top_n=None if args.method == "pairwise" else args.top_n,  # pairwise: its own
         strategy_options={
             key: value
             for key in ("early_stop", "shuffles", "aggregate", "inner")
@@ -870,10 +874,20 @@ def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
 
     fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
     options = {}
+    top_n, pairwise_k = getattr(args, "top_n", None), getattr(args, "pairwise_k", None)
+    if args.method == "pairwise" and top_n is not None:  # one word: places at the top
+        if pairwise_k is not None and pairwise_k != top_n:
+            raise ConfigError(
+                f"--top-n {top_n} and --pairwise-k {pairwise_k} name the same thing "
+                "(places sorted at the top); give one"
+            )
+        pairwise_k = top_n
     for flag, option in METHOD_FLAGS.items():
-        value = getattr(args, flag, None)
+        value = pairwise_k if flag == "pairwise_k" else getattr(args, flag, None)
         if value is None:
             continue
+        if option == "k" and "top_n" in fields:  # the method's newer name for it
+            option = "top_n"
         if option not in fields:
             raise ConfigError(
                 f"--{flag.replace('_', '-')} does not apply to --method {args.method}"
