@@ -32,3 +32,45 @@ def test_pairwise_k_is_still_taken_and_agrees_with_top_n() -> None:
 def test_top_n_stays_the_strategy_s_for_listwise() -> None:
     args = parsed("--strategy", "tdpart", "--top-n", "5")
     assert args.top_n == 5 and method_options_of(args) == {}
+
+
+def test_distill_names_augmentation_augment_and_still_takes_shuffles(tmp_path) -> None:
+    import json
+
+    from permrank.distill.labels import CONFIG, LabelOptions, LabelStore
+
+    old = LabelOptions(shuffles=2)
+    assert old.augment == 2 and old.shuffles == 2 and old == LabelOptions(augment=2)
+    described = LabelOptions(augment=2).describe()
+    assert described["augment"] == 2 and "shuffles" not in described
+    assert (
+        build_parser()
+        .parse_args(["distill", "--input", "i", "--out", "o", "--input-shuffles", "3"])
+        .augment
+        == 3
+    )
+
+    # a folder written before the rename (config.json says "shuffles") resumes
+    LabelStore.open(tmp_path, LabelOptions(augment=1)).close()
+    config = json.loads((tmp_path / CONFIG).read_text())
+    config["shuffles"] = config.pop("augment")
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    LabelStore.open(tmp_path, LabelOptions(augment=1)).close()
+    with pytest.raises(ConfigError, match="augment"):
+        LabelStore.open(tmp_path, LabelOptions(augment=2))
+
+
+def test_a_run_record_written_with_labels_shuffles_is_read_as_labels_augment(tmp_path) -> None:
+    import json
+
+    from permrank.runs.store import RunStore
+
+    out = tmp_path / "labels"
+    out.mkdir()
+    (out / "done.jsonl").write_text("{}\n")
+    record = out / "run.json"
+    record.write_text(json.dumps({"fingerprint": {"labels.shuffles": 1, "model": "m"}}))
+    store = RunStore(out, record, overwrite=False, flag="--out", has_results=True)
+    store.check({"labels": {"augment": 1}, "model": "m"})
+    with pytest.raises(ConfigError, match="labels.augment"):
+        store.check({"labels": {"augment": 2}, "model": "m"})

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--augment",
         "--input-shuffles",
-        dest="augment_shuffles",
+        dest="augment",
         type=int,
         default=0,
         metavar="K",
@@ -154,7 +154,7 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
     options = LabelOptions(
         formats=_names(args.formats),
         shard_size=args.shard_size,
-        shuffles=args.augment_shuffles,
+        augment=args.augment,
         seed=args.label_seed,
         pairs=PairSampling(
             rules=_names(args.pairs),
@@ -193,7 +193,7 @@ def expand(requests: Iterator[Request], options: LabelOptions, done: set[str]) -
     for request in requests:
         if request.query.qid in done:
             continue
-        yield from teacher_requests(request, options.shuffles, options.seed)
+        yield from teacher_requests(request, options.augment, options.seed)
 
 
 def label_store(args: argparse.Namespace) -> RunStore:
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     totals = Usage()
     spent = Usage()
     failed: dict[str, str] = {}
-    runs_per_query = options.shuffles + 1
+    runs_per_query = options.augment + 1
     done_now = 0
     bar = tqdm(
         total=n_queries,
