@@ -74,3 +74,12 @@ def test_a_run_record_written_with_labels_shuffles_is_read_as_labels_augment(tmp
     store.check({"labels": {"augment": 1}, "model": "m"})
     with pytest.raises(ConfigError, match="labels.augment"):
         store.check({"labels": {"augment": 2}, "model": "m"})
+
+
+def test_serve_local_takes_the_names_rerank_gives_its_embedded_server() -> None:
+    args = build_parser().parse_args(
+        ["serve", "local", "--local-ctx", "1024", "--local-parallel", "2"]
+    )
+    assert (args.ctx, args.parallel) == (1024, 2)
+    args = build_parser().parse_args(["serve", "local", "--ctx", "2048", "--parallel", "3"])
+    assert (args.ctx, args.parallel) == (2048, 3)
