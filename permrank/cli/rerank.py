@@ -143,7 +143,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="selfconsistency: the strategy whose windows are shuffled (sliding)",
     )
     g.add_argument(
-        "--top-k", type=int, default=None, help="rerank only the first K candidates (default: all)"
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="rerank only the first K candidates of each query; the others follow them in "
+        "their input order. Compare --depth, which drops them (default: all)",
     )
     g.add_argument(
         "--prompt",
@@ -445,7 +450,12 @@ def add_run_options(parser: argparse.ArgumentParser, *, limit_help: str, skip_he
     ``skip_help`` says what becomes of a failed query with ``--on-error skip``."""
     parser.add_argument("--limit", type=int, default=None, help=limit_help)
     parser.add_argument(
-        "--depth", type=int, default=None, help="keep only the first N candidates of each query"
+        "--depth",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read only the first N candidates of each query; the others are dropped (not in "
+        "the output). Compare --top-k, which keeps them (default: all)",
     )
     parser.add_argument(
         "--on-error",
