@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from permrank.cli import scaleout
 from permrank.core.errors import ConfigError, PermrankError
+from permrank.core.scores import rank_scores
 from permrank.core.strategies import STRATEGIES
 
 # Heavy modules (aiohttp, pydantic models, ir_measures, tqdm) are imported where they are used,
@@ -853,15 +854,15 @@ def run_of_output(path: str) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
     for record in iter_output_records(path):
         docids = record_docids(record)
-        run[str(record_qid(record))] = {d: float(len(docids) - i) for i, d in enumerate(docids)}
+        run[str(record_qid(record))] = dict(zip(docids, rank_scores(len(docids)), strict=True))
     return run
 
 
 def run_of_requests(requests: Iterator[Request]) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
     for r in requests:
-        n = len(r.candidates)
-        run[r.query.qid] = {c.docid: float(n - i) for i, c in enumerate(r.candidates)}
+        docids = [c.docid for c in r.candidates]
+        run[r.query.qid] = dict(zip(docids, rank_scores(len(docids)), strict=True))
     return run
 
 

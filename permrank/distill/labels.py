@@ -35,6 +35,7 @@ from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from permrank.core import scores
 from permrank.core.errors import ConfigError, InputError
 from permrank.core.files import write_json_atomic
 
@@ -251,8 +252,9 @@ def pairwise_records(
 
 
 def rank_score(rank: int, n: int) -> float:
-    """A teacher score from a 1-based rank: n for the first, 1 for the last (higher is better)."""
-    return float(n - rank + 1)
+    """A teacher score from a 1-based rank: n for the first, 1 for the last (higher is better;
+    ``permrank.core.scores``)."""
+    return scores.rank_score(rank - 1, n)
 
 
 def group_ranks(n: int, sampling: GroupSampling, rng: random.Random) -> tuple[list[int], list[int]]:
