@@ -27,3 +27,16 @@ def test_a_resumed_run_with_nothing_left_says_so() -> None:
 def test_one_answer_from_the_cache_is_singular() -> None:
     totals = Usage(calls=0, cached_calls=1)
     assert "0 calls to the model, 1 answer from the cache" in summary_lines(totals, 1, 0.1)[0]
+
+
+def test_the_demo_on_an_endpoint_shows_progress_and_a_plain_summary(
+    simulator, dl19_5q, capsys
+) -> None:
+    from permrank.cli.main import main
+
+    argv = ["demo", "--data", str(dl19_5q), "--queries", "2", "--depth", "10"]
+    assert main([*argv, "--base-url", simulator.base_url, "--model", simulator.state.model]) == 0
+    captured = capsys.readouterr()
+    assert "2 queries in" in captured.out and "calls to the model" in captured.out
+    assert "None" not in captured.out and "tokens/s" not in captured.out
+    assert "demo: 100%" in captured.err and "2/2" in captured.err  # the progress bar

@@ -8,7 +8,9 @@ model cannot rank: the demo proves the machinery, and says how to point it at a 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +25,8 @@ from permrank.cli.rerank import (
 from permrank.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from permrank.core.types import Request
+    from permrank.core.types import Ranking, Request
+    from permrank.engine.reranker import Reranker
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_CHOICES = (
@@ -40,7 +43,9 @@ model, e.g. a vLLM server or OpenAI:
   permrank demo --base-url http://HOST:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
   OPENAI_API_KEY=... permrank demo --base-url https://api.openai.com/v1 --model gpt-4o-mini
   permrank rerank --input candidates.jsonl --output out.jsonl --base-url URL --model NAME
-or any GGUF on this machine: permrank demo --local-model PATH.gguf"""
+or any GGUF on this machine: permrank demo --local-model PATH.gguf
+To see what a ranking model gives without one, try the simulator (one minute, no model):
+docs/quickstart.md"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +87,26 @@ def slice_of(path: Path, queries: int, depth: int) -> list[Request]:
     return requests
 
 
+async def rerank_with_progress(reranker: Reranker, requests: list[Request]) -> list[Ranking]:
+    """Every request's ranking, with a progress bar that says the time left (a small model on
+    a CPU takes minutes: the bar shows it moving)."""
+    from tqdm import tqdm
+
+    from permrank.core.types import Usage
+
+    rankings = []
+    spent = Usage()
+    with tqdm(total=len(requests), unit="query", desc="demo", file=sys.stderr) as bar:
+        try:
+            async for ranking in reranker.astream(requests, spent=spent):
+                rankings.append(ranking)
+                bar.update(1)
+                bar.set_postfix(calls=spent.calls)
+        finally:
+            await reranker.aclose()
+    return rankings
+
+
 def run(args: argparse.Namespace) -> int:
     from permrank.core.types import Usage
     from permrank.runs.evaluate import evaluate, read_qrels, run_of
@@ -106,10 +131,9 @@ def run(args: argparse.Namespace) -> int:
             f"{context})",
             flush=True,
         )
-        with reranker_from_args(args) as reranker:
-            t1 = time.perf_counter()
-            rankings = reranker.rerank_batch(requests)
-            seconds = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        rankings = asyncio.run(rerank_with_progress(reranker_from_args(args), requests))
+        seconds = time.perf_counter() - t1
     totals = Usage()
     for ranking in rankings:
         totals.add(ranking.usage)
