@@ -8,7 +8,6 @@ model cannot rank: the demo proves the machinery, and says how to point it at a 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import sys
 import time
@@ -132,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         t1 = time.perf_counter()
+        import asyncio
+
         rankings = asyncio.run(rerank_with_progress(reranker_from_args(args), requests))
         seconds = time.perf_counter() - t1
     totals = Usage()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import inspect
 import sys
 import time
@@ -227,6 +226,8 @@ def clear_labels(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from tqdm import tqdm
 
     from permrank.core.files import write_json_atomic

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -411,6 +410,8 @@ def run_on_endpoint(args: argparse.Namespace) -> int:
 
 def check_settings(args: argparse.Namespace) -> Reranker:
     """Build a Reranker from the flags alone: no server is asked or started, no model loaded."""
+    from permrank.core.tokens import ApproximateTokenizer
+
     if getattr(args, "backend", "openai") == "vllm":
         args = argparse.Namespace(**{**vars(args), "backend": "openai"})
     return reranker_from_args(
@@ -420,6 +421,8 @@ def check_settings(args: argparse.Namespace) -> Reranker:
         cache=None,
         constrain=None,
         on_error=args.on_error,
+        # nothing is counted here: tiktoken's tables load only if the run itself counts with them
+        tokenizer=ApproximateTokenizer(),
     )
 
 
@@ -696,6 +699,8 @@ def run(
     args: argparse.Namespace,
     prepared: tuple[int, dict[str, dict[str, int]] | None] | None = None,
 ) -> int:
+    import asyncio
+
     from tqdm import tqdm
 
     from permrank.core.files import write_json_atomic
