@@ -103,7 +103,7 @@ def environment() -> dict[str, str]:
 
 def timed(argv: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(argv, env=environment(), stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(argv, env=environment(), cwd=REPO, stdout=subprocess.DEVNULL, check=True)
     return 1000 * (time.perf_counter() - started)
 
 
@@ -123,7 +123,7 @@ def rerank_first_request(base_url: str, workdir: Path) -> tuple[float, float, fl
     argv = [sys.executable, "-m", "permrank", "rerank", "--base-url", base_url]
     argv += ["--model", "stub", "--input", str(inp), "--output", str(out), "--no-cache"]
     started = time.perf_counter()
-    proc = subprocess.run(argv, env=environment(), capture_output=True, text=True)
+    proc = subprocess.run(argv, env=environment(), cwd=REPO, capture_output=True, text=True)
     ended = time.perf_counter()
     if proc.returncode != 0 or "any" not in Stub.first:
         sys.exit(f"permrank rerank failed ({proc.returncode}):\n{proc.stderr}")
@@ -148,6 +148,7 @@ def importtime(module: str) -> list[tuple[int, str]]:
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"],
         env=environment(),
+        cwd=REPO,
         capture_output=True,
         text=True,
         check=True,

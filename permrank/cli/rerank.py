@@ -121,6 +121,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--top-n",
         type=int,
         default=None,
+        metavar="N",
         help="places guaranteed at the top: tournament and tdpart put the true top N of a "
         "perfect judge first; --method pairwise (sliding, heap) sorts the first N (10)",
     )
