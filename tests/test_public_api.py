@@ -83,10 +83,10 @@ def test_every_public_name_resolves_and_dir_lists_it() -> None:
 
 def test_old_module_paths_give_the_same_objects() -> None:
     import permrank.rerank as old_rerank
-    from permrank.commands import rerank as old_cli_rerank
 
     import permrank.engine.reranker as reranker_module
     from permrank.cli import rerank as new_cli_rerank
+    from permrank.commands import rerank as old_cli_rerank
     from permrank.core.strategies import sliding
     from permrank.distill.labels import LabelOptions
     from permrank.distill.train import losses
@@ -108,8 +108,9 @@ def test_old_module_paths_give_the_same_objects() -> None:
         ask_window,
         drive_strategy,
     )
-    from permrank.strategies import run_plan as old_run_plan
     from permrank.strategies.sliding import SlidingWindow as OldSliding
+
+    from permrank.strategies import run_plan as old_run_plan
 
     assert old_run_plan is run_plan and OldSliding is sliding.SlidingWindow is SlidingWindow
     assert old_cli_rerank is new_cli_rerank
@@ -117,11 +118,11 @@ def test_old_module_paths_give_the_same_objects() -> None:
     import permrank.evaluate
     import permrank.io
     import permrank.losses
-    import permrank.methods
     import permrank.runstore
     import permrank.types
     from permrank.methods.logprobs import floor_logprob
 
+    import permrank.methods
     from permrank.core.logprobs import floor_logprob as new_floor
 
     assert permrank.losses is losses and permrank.io is io and permrank.evaluate is evaluate

@@ -30,7 +30,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +64,14 @@ def default_cache_path() -> Path:
     return Path(base) / "permrank" / "cache.sqlite"
 
 
+def answer_key(material: Mapping[str, Any], *, kind: str = "") -> str:
+    """The one way a cache key is made: SHA-256 of everything that decides the answer, as
+    canonical JSON (keys sorted, no spaces), prefixed ``kind:`` when a kind is given."""
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return f"{kind}:{digest}" if kind else digest
+
+
 def cache_key(
     endpoint: str,
     model: str,
@@ -74,25 +82,24 @@ def cache_key(
     seed: int | None,
     extra: dict[str, Any] | None,
 ) -> str:
-    """SHA-256 of everything that decides the answer (canonical JSON, keys sorted)."""
-    material = {
-        "endpoint": endpoint,
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "seed": seed,
-        "extra": extra or {},
-    }
-    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    """The key of a window's chat completion (``answer_key`` of what decides it)."""
+    return answer_key(
+        {
+            "endpoint": endpoint,
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "extra": extra or {},
+        }
+    )
 
 
 def request_key(endpoint: str, model: str, route: str, body: dict[str, Any]) -> str:
-    """SHA-256 of everything that decides a raw request's answer (canonical JSON)."""
+    """The key of a raw request a scoring method sends (``answer_key``, kind ``request``)."""
     material = {"endpoint": endpoint, "model": model, "route": route, "body": body}
-    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return "request:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return answer_key(material, kind="request")
 
 
 T = TypeVar("T")

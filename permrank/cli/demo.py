@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from permrank.cli.rerank import (
     add_model_options,
@@ -20,9 +22,10 @@ from permrank.cli.rerank import (
     summary_lines,
 )
 from permrank.core.errors import ConfigError
-from permrank.core.types import Request, Usage
-from permrank.runs.evaluate import evaluate, read_qrels, run_of
-from permrank.runs.io import read_requests
+
+if TYPE_CHECKING:
+    from permrank.core.types import Ranking, Request
+    from permrank.engine.reranker import Reranker
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_CHOICES = (
@@ -39,7 +42,9 @@ model, e.g. a vLLM server or OpenAI:
   permrank demo --base-url http://HOST:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
   OPENAI_API_KEY=... permrank demo --base-url https://api.openai.com/v1 --model gpt-4o-mini
   permrank rerank --input candidates.jsonl --output out.jsonl --base-url URL --model NAME
-or any GGUF on this machine: permrank demo --local-model PATH.gguf"""
+or any GGUF on this machine: permrank demo --local-model PATH.gguf
+To see what a ranking model gives without one, try the simulator (one minute, no model):
+docs/quickstart.md"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +77,8 @@ def data_folder(given: str | None) -> Path:
 
 
 def slice_of(path: Path, queries: int, depth: int) -> list[Request]:
+    from permrank.runs.io import read_requests
+
     requests = []
     for request in itertools.islice(read_requests(path), queries):
         request.candidates = request.candidates[:depth]
@@ -79,7 +86,30 @@ def slice_of(path: Path, queries: int, depth: int) -> list[Request]:
     return requests
 
 
+async def rerank_with_progress(reranker: Reranker, requests: list[Request]) -> list[Ranking]:
+    """Every request's ranking, with a progress bar that says the time left (a small model on
+    a CPU takes minutes: the bar shows it moving)."""
+    from tqdm import tqdm
+
+    from permrank.core.types import Usage
+
+    rankings = []
+    spent = Usage()
+    with tqdm(total=len(requests), unit="query", desc="demo", file=sys.stderr) as bar:
+        try:
+            async for ranking in reranker.astream(requests, spent=spent):
+                rankings.append(ranking)
+                bar.update(1)
+                bar.set_postfix(calls=spent.calls)
+        finally:
+            await reranker.aclose()
+    return rankings
+
+
 def run(args: argparse.Namespace) -> int:
+    from permrank.core.types import Usage
+    from permrank.runs.evaluate import evaluate, read_qrels, run_of
+
     if args.queries < 1 or args.depth < 2:
         raise ConfigError("--queries must be at least 1 and --depth at least 2")
     if not args.cache:  # the demo measures calls, tokens and time: no answers from a cache
@@ -92,15 +122,19 @@ def run(args: argparse.Namespace) -> int:
     with model_endpoint(args) as args.endpoint:
         started = time.perf_counter() - t0
         info = args.endpoint.info
+        context = (
+            f"; context {info.context_window} tokens" if info.context_window else ""
+        )  # a server that does not say its context: nothing printed rather than "None"
         print(
-            f"model: {info.model} ({info.kind} at {info.base_url}, ready in {started:.1f} s; "
-            f"context {info.context_window} tokens)",
+            f"model: {info.model} ({info.kind} at {info.base_url}, ready in {started:.1f} s"
+            f"{context})",
             flush=True,
         )
-        with reranker_from_args(args) as reranker:
-            t1 = time.perf_counter()
-            rankings = reranker.rerank_batch(requests)
-            seconds = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        import asyncio
+
+        rankings = asyncio.run(rerank_with_progress(reranker_from_args(args), requests))
+        seconds = time.perf_counter() - t1
     totals = Usage()
     for ranking in rankings:
         totals.add(ranking.usage)
@@ -109,11 +143,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"nDCG@10: {before:.4f} (BM25) -> {after:.4f} (reranked by {info.model})")
     for line in summary_lines(totals, len(rankings), seconds):
         print(line)
-    if seconds > 0:
+    if seconds > 0 and info.kind != "simulator":  # a simulator's speed says nothing
         print(
-            f"throughput: {totals.prompt_tokens / seconds:.0f} prompt + "
-            f"{totals.completion_tokens / seconds:.0f} completion tokens/s "
-            f"(server start {started:.1f} s not included)"
+            f"speed: the model read {totals.prompt_tokens / seconds:.0f} prompt tokens and "
+            f"wrote {totals.completion_tokens / seconds:.0f} answer tokens a second "
+            f"(its {started:.1f} s start not counted)"
         )
     if args.endpoint.server is not None:
         print()

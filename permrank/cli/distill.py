@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import inspect
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from permrank.cli import scaleout
 from permrank.cli.rerank import (
@@ -25,8 +22,6 @@ from permrank.cli.rerank import (
     summary_lines,
 )
 from permrank.core.errors import ConfigError
-from permrank.core.files import write_json_atomic
-from permrank.core.types import Ranking, Request, Usage
 from permrank.distill.labels import (
     CONFIG,
     FORMATS,
@@ -35,16 +30,14 @@ from permrank.distill.labels import (
     STATS,
     GroupSampling,
     LabelOptions,
-    LabelStore,
     PairSampling,
-    query_labels,
     teacher_requests,
 )
-from permrank.engine.reranker import Reranker
-from permrank.runs.evaluate import read_qrels
-from permrank.runs.io import read_requests, validate_requests
-from permrank.runs.manifest import build_manifest, now
-from permrank.runs.store import RunStore, file_sha256
+
+if TYPE_CHECKING:  # heavy modules are imported where used (``permrank --help`` stays light)
+    from permrank.core.types import Ranking, Request
+    from permrank.engine.reranker import Reranker
+    from permrank.runs.store import RunStore
 
 RUN_RECORD = "run.json"
 MANIFEST = "manifest.json"
@@ -76,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--augment",
         "--input-shuffles",
-        dest="augment_shuffles",
+        dest="augment",
         type=int,
         default=0,
         metavar="K",
@@ -160,7 +153,7 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
     options = LabelOptions(
         formats=_names(args.formats),
         shard_size=args.shard_size,
-        shuffles=args.augment_shuffles,
+        augment=args.augment,
         seed=args.label_seed,
         pairs=PairSampling(
             rules=_names(args.pairs),
@@ -182,6 +175,8 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
 
 def teacher_from_args(args: argparse.Namespace) -> Reranker:
     """The teacher; ``--method`` is passed on when the reranker takes one."""
+    from permrank.engine.reranker import Reranker
+
     overrides: dict[str, Any] = {"on_error": args.on_error}
     method = getattr(args, "method", None)
     if "method" in inspect.signature(Reranker.__init__).parameters:
@@ -197,11 +192,13 @@ def expand(requests: Iterator[Request], options: LabelOptions, done: set[str]) -
     for request in requests:
         if request.query.qid in done:
             continue
-        yield from teacher_requests(request, options.shuffles, options.seed)
+        yield from teacher_requests(request, options.augment, options.seed)
 
 
 def label_store(args: argparse.Namespace) -> RunStore:
     """The folder of labels and the record of what made it (``DIR/run.json``)."""
+    from permrank.runs.store import RunStore
+
     out = Path(args.out)
     journal = out / JOURNAL
     store = RunStore(
@@ -229,6 +226,17 @@ def clear_labels(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from permrank.core.files import write_json_atomic
+    from permrank.core.types import Usage
+    from permrank.distill.labels import LabelStore, query_labels
+    from permrank.runs.io import read_requests, validate_requests
+    from permrank.runs.manifest import build_manifest, now
+    from permrank.runs.store import file_sha256
+
     for flag, value in (("--limit", args.limit), ("--depth", args.depth)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1 (got {value})")
@@ -238,7 +246,11 @@ def run(args: argparse.Namespace) -> int:
     n_queries, _ = validate_requests(args.input)
     if args.limit is not None:
         n_queries = min(n_queries, args.limit)
-    qrels = read_qrels(args.qrels) if args.qrels else None
+    qrels = None
+    if args.qrels:  # ir_measures only when there are qrels
+        from permrank.runs.evaluate import read_qrels
+
+        qrels = read_qrels(args.qrels)
     teacher = teacher_from_args(args)
     args.input_sha256 = file_sha256(args.input)
     fingerprint = {
@@ -260,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     totals = Usage()
     spent = Usage()
     failed: dict[str, str] = {}
-    runs_per_query = options.shuffles + 1
+    runs_per_query = options.augment + 1
     done_now = 0
     bar = tqdm(
         total=n_queries,

@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from permrank.runs.evaluate import (
-    DEFAULT_METRICS,
-    evaluate,
-    parse_metrics,
-    per_query,
-    read_qrels,
-    read_run,
-)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,14 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="TREC run or permrank JSONL (repeat to compare several)",
     )
     p.add_argument("--qrels", required=True, help="TREC qrels file")
-    p.add_argument(
-        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metrics (default nDCG@10)"
-    )
+    p.add_argument("--metrics", nargs="+", default=None, help="metrics (default nDCG@10)")
     p.add_argument("--per-query", action="store_true", help="also print each query's value")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from permrank.runs.evaluate import (
+        DEFAULT_METRICS,
+        evaluate,
+        parse_metrics,
+        per_query,
+        read_qrels,
+        read_run,
+    )
+
+    args.metrics = args.metrics or list(DEFAULT_METRICS)
     parse_metrics(args.metrics)  # refuse a bad metric name before reading anything
     qrels = read_qrels(args.qrels)
     width = max(len(r) for r in args.run)

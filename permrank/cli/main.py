@@ -10,6 +10,7 @@ import argparse
 import difflib
 import importlib
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except PermrankError as exc:
         print(f"permrank {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `permrank eval ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         note = getattr(args, "interrupted_note", "")
         print(f"permrank {args.command}: interrupted{note}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -12,36 +11,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
-
-from permrank.backends.cache import default_cache_path
-from permrank.backends.probe import Endpoint, endpoint
 from permrank.cli import scaleout
 from permrank.core.errors import ConfigError, PermrankError
-from permrank.core.files import write_json_atomic
-from permrank.core.prompts import render_window
+from permrank.core.scores import rank_scores
 from permrank.core.strategies import STRATEGIES, describe_strategy
-from permrank.core.types import Request, Usage
-from permrank.engine.reranker import Reranker
-from permrank.runs.evaluate import evaluate, read_qrels
-from permrank.runs.io import (
-    OutputWriter,
-    iter_output_records,
-    ranking_line,
-    read_requests,
-    record_docids,
-    record_qid,
-    recover_output,
-    trec_lines,
-    trec_lines_of,
-    validate_requests,
-)
-from permrank.runs.manifest import build_manifest, now
-from permrank.runs.store import RunStore, file_sha256, model_file_identity
+
+# Heavy modules (aiohttp, pydantic models, ir_measures, tqdm) are imported where they are used,
+# so that ``permrank --help`` and the other commands do not pay for them.
+if TYPE_CHECKING:
+    from permrank.backends.probe import Endpoint
+    from permrank.core.types import Request, Usage
+    from permrank.engine.reranker import Reranker
+    from permrank.runs.store import RunStore
 
 log = logging.getLogger(__name__)
+
+METHOD_NAMES = ("listwise", "pointwise", "likelihood", "first", "pairwise", "score")
 
 DEFAULT_CONTEXT_WINDOW = 8192
 DEFAULT_TIMEOUT_S = 120.0
@@ -134,7 +121,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--top-n",
         type=int,
         default=None,
-        help="tournament, tdpart: leading places guaranteed under a perfect judge (10)",
+        metavar="N",
+        help="places guaranteed at the top: tournament and tdpart put the true top N of a "
+        "perfect judge first; --method pairwise (sliding, heap) sorts the first N (10)",
     )
     g.add_argument(
         "--shuffles",
@@ -155,7 +144,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="selfconsistency: the strategy whose windows are shuffled (sliding)",
     )
     g.add_argument(
-        "--top-k", type=int, default=None, help="rerank only the first K candidates (default: all)"
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="rerank only the first K candidates of each query; the others follow them in "
+        "their input order. Compare --depth, which drops them (default: all)",
     )
     g.add_argument(
         "--prompt",
@@ -210,13 +204,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="context per window of the embedded server in tokens (4096)",
     )
 
-    from permrank.engine.methods import METHOD_NAMES
-
     g = parser.add_argument_group("scoring method")
     g.add_argument(
         "--method",
         default="listwise",
-        choices=METHOD_NAMES,
+        choices=METHOD_NAMES,  # engine.methods.METHOD_NAMES (a test keeps them equal)
         help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
         "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
         "pairwise (A-or-B comparisons, PRP), score (a learned head's scores through the "
@@ -239,7 +231,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="pairwise: how comparisons are chosen and merged (heap)",
     )
     g.add_argument(
-        "--pairwise-k", type=int, help="pairwise sliding/heap: places sorted at the top (10)"
+        "--pairwise-k",
+        type=int,
+        dest="pairwise_k",
+        help="the same as --top-n for --method pairwise (older name)",
     )
     g.add_argument(
         "--top-logprobs",
@@ -263,6 +258,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
+    from permrank.engine.reranker import Reranker
+
     endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
     scaleout.endpoints_of(args)  # --endpoints FILE read, args.base_url its first
@@ -309,7 +306,7 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         step=args.step,
         passes=args.passes,
         top_k=args.top_k,
-        top_n=args.top_n,
+        top_n=None if args.method == "pairwise" else args.top_n,  # pairwise: its own
         strategy_options={
             key: value
             for key in ("early_stop", "shuffles", "aggregate", "inner")
@@ -377,6 +374,8 @@ def embedded_notice(args: argparse.Namespace) -> str:
 @contextlib.contextmanager
 def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
     """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
+    from permrank.backends.probe import endpoint
+
     quiet = getattr(args, "quiet", False)
     if not args.base_url and not getattr(args, "notice_shown", False):
         print(embedded_notice(args), file=sys.stderr, flush=True)  # before the slow start
@@ -412,6 +411,8 @@ def run_on_endpoint(args: argparse.Namespace) -> int:
 
 def check_settings(args: argparse.Namespace) -> Reranker:
     """Build a Reranker from the flags alone: no server is asked or started, no model loaded."""
+    from permrank.core.tokens import ApproximateTokenizer
+
     if getattr(args, "backend", "openai") == "vllm":
         args = argparse.Namespace(**{**vars(args), "backend": "openai"})
     return reranker_from_args(
@@ -421,6 +422,8 @@ def check_settings(args: argparse.Namespace) -> Reranker:
         cache=None,
         constrain=None,
         on_error=args.on_error,
+        # nothing is counted here: tiktoken's tables load only if the run itself counts with them
+        tokenizer=ApproximateTokenizer(),
     )
 
 
@@ -439,6 +442,8 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
 
 def cache_path_of(args: argparse.Namespace) -> Path | None:
     """The response cache the flags ask for (``--cache PATH``, ``--no-cache``, or the default)."""
+    from permrank.backends.cache import default_cache_path
+
     if getattr(args, "no_cache", False):
         return None
     path = getattr(args, "cache", None)
@@ -450,7 +455,12 @@ def add_run_options(parser: argparse.ArgumentParser, *, limit_help: str, skip_he
     ``skip_help`` says what becomes of a failed query with ``--on-error skip``."""
     parser.add_argument("--limit", type=int, default=None, help=limit_help)
     parser.add_argument(
-        "--depth", type=int, default=None, help="keep only the first N candidates of each query"
+        "--depth",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read only the first N candidates of each query; the others are dropped (not in "
+        "the output). Compare --top-k, which keeps them (default: all)",
     )
     parser.add_argument(
         "--on-error",
@@ -500,15 +510,30 @@ def limited(requests: Iterator[Request], limit: int | None, depth: int | None) -
 
 
 def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
+    """The end of a run in plain words: what was asked of the model and what it answered."""
     repairs = ", ".join(f"{k} {v}" for k, v in totals.repairs.items() if v)
-    return [
-        f"{queries} queries in {seconds:.1f} s: {totals.calls} calls "
-        f"({totals.cached_calls} from cache), "
-        f"{totals.rounds / max(1, queries):.1f} sequential rounds per query",
-        f"tokens: {totals.prompt_tokens} prompt + {totals.completion_tokens} completion "
-        f"= {totals.total_tokens}",
+    in_a_row = totals.rounds / max(1, queries)
+    lines = [
+        # "N queries in", "N calls": the words earlier versions printed, kept for scripts
+        f"{queries} queries in {seconds:.1f} s: {totals.calls} calls to the model, "
+        f"{totals.cached_calls} {plural(totals.cached_calls, 'answer')} from the cache",
+        f"tokens: {totals.prompt_tokens} in prompts, {totals.completion_tokens} in answers "
+        f"({totals.total_tokens} in all)",
         f"window answers: {repairs or 'none'}",
     ]
+    if totals.rounds:
+        lines.insert(
+            1,
+            f"per query: {in_a_row:.3g} {plural(in_a_row, 'round')} of windows, one after "
+            "another (the windows of a round are asked together)",
+        )
+    if not queries and not totals.calls and not totals.cached_calls:
+        return [f"0 queries left to rerank ({seconds:.1f} s): nothing asked of the model"]
+    return lines
+
+
+def plural(count: float, one: str, many: str | None = None) -> str:
+    return one if count == 1 else (many or one + "s")
 
 
 def constrain_line(mode: str, totals: Usage) -> str:
@@ -519,6 +544,8 @@ def constrain_line(mode: str, totals: Usage) -> str:
 
 def check_prompt_fits(reranker: Reranker) -> None:
     """Refuse a window that cannot fit the context, before any call (not at the first window)."""
+    from permrank.core.prompts import render_window
+
     pipeline = reranker.pipeline
     size = int(getattr(reranker.strategy, "window_size", 20) or 20)
     render_window(
@@ -534,6 +561,15 @@ def check_prompt_fits(reranker: Reranker) -> None:
 def prepare_outputs(args: argparse.Namespace) -> set[str]:
     """Start afresh (``--overwrite``, or no output yet) or repair a killed run's output; the
     qids already done. The TREC run is rebuilt from the JSONL, so the two always agree."""
+    from permrank.runs.io import (
+        OutputWriter,
+        iter_output_records,
+        record_docids,
+        record_qid,
+        recover_output,
+        trec_lines_of,
+    )
+
     out_path = Path(args.output)
     if args.trec and out_path.resolve() == Path(args.trec).resolve():
         raise ConfigError(f"--output {args.output} is also --trec: give another --trec path")
@@ -563,6 +599,9 @@ def prepare_outputs(args: argparse.Namespace) -> set[str]:
 
 def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] | None]:
     """Refuse bad flags and bad input before any model call; the query count and the qrels."""
+    from permrank.runs.io import validate_requests
+    from permrank.runs.store import file_sha256
+
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
     if args.depth is not None and args.depth < 1:
@@ -575,7 +614,11 @@ def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] |
         )
     scaleout.check(args)
     n_queries, _ = validate_requests(args.input, args.limit)
-    qrels = read_qrels(args.qrels) if args.qrels else None
+    qrels = None
+    if args.qrels:  # ir_measures is imported only when there is something to measure
+        from permrank.runs.evaluate import read_qrels
+
+        qrels = read_qrels(args.qrels)
     args.input_sha256 = file_sha256(args.input)
     reranker = check_settings(args)
     # An output made with other settings is refused now: before any server starts.
@@ -585,6 +628,8 @@ def precheck(args: argparse.Namespace) -> tuple[int, dict[str, dict[str, int]] |
 
 def run_store(args: argparse.Namespace) -> RunStore:
     """The output and the record of what made it (``OUTPUT.run.json``)."""
+    from permrank.runs.store import RunStore
+
     store = RunStore(
         args.output, f"{args.output}.run.json", overwrite=args.overwrite, flag="--output"
     )
@@ -595,6 +640,8 @@ def run_store(args: argparse.Namespace) -> RunStore:
 def endpoint_identity(args: argparse.Namespace, resolved: bool) -> str | None:
     """Where answers come from: the endpoint's URL, or the local model file's identity (never
     the embedded server's random port); None when not known before the endpoint is."""
+    from permrank.runs.store import model_file_identity
+
     if getattr(args, "backend", "openai") == "vllm":
         return f"vllm in this process: {args.model or '(the default model folder)'}"
     found: Endpoint | None = getattr(args, "endpoint", None)
@@ -656,6 +703,15 @@ def run(
     args: argparse.Namespace,
     prepared: tuple[int, dict[str, dict[str, int]] | None] | None = None,
 ) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from permrank.core.files import write_json_atomic
+    from permrank.core.types import Usage
+    from permrank.runs.io import OutputWriter, ranking_line, read_requests, trec_lines
+    from permrank.runs.manifest import build_manifest, now
+
     n_queries, qrels = prepared if prepared is not None else precheck(args)
     reranker = reranker_from_args(args, on_error=args.on_error)
     check_prompt_fits(reranker)  # the endpoint was probed before (backends.probe)
@@ -775,12 +831,14 @@ def run(
             whole = store.totals(session)
             print(
                 f"with the earlier runs of {args.output}: {len(done_before) + done} queries, "
-                f"{whole.calls} calls, {whole.total_tokens} tokens, "
+                f"{whole.calls} calls to the model, {whole.total_tokens} tokens, "
                 f"{store.seconds(seconds):.1f} s"
             )
         if reranker.constrain:
             print(constrain_line(reranker.constrain, session))
         if qrels is not None:
+            from permrank.runs.evaluate import evaluate
+
             before_requests = limited(read_requests(args.input), args.limit, args.depth)
             before = evaluate(run_of_requests(before_requests), qrels, ["nDCG@10"])
             after = evaluate(run_of_output(args.output), qrels, ["nDCG@10"])
@@ -800,18 +858,20 @@ def session_usage(finished: Usage, spent: Usage) -> Usage:
 
 
 def run_of_output(path: str) -> dict[str, dict[str, float]]:
+    from permrank.runs.io import iter_output_records, record_docids, record_qid
+
     run: dict[str, dict[str, float]] = {}
     for record in iter_output_records(path):
         docids = record_docids(record)
-        run[str(record_qid(record))] = {d: float(len(docids) - i) for i, d in enumerate(docids)}
+        run[str(record_qid(record))] = dict(zip(docids, rank_scores(len(docids)), strict=True))
     return run
 
 
 def run_of_requests(requests: Iterator[Request]) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
     for r in requests:
-        n = len(r.candidates)
-        run[r.query.qid] = {c.docid: float(n - i) for i, c in enumerate(r.candidates)}
+        docids = [c.docid for c in r.candidates]
+        run[r.query.qid] = dict(zip(docids, rank_scores(len(docids)), strict=True))
     return run
 
 
@@ -834,10 +894,20 @@ def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
 
     fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
     options = {}
+    top_n, pairwise_k = getattr(args, "top_n", None), getattr(args, "pairwise_k", None)
+    if args.method == "pairwise" and top_n is not None:  # one word: places at the top
+        if pairwise_k is not None and pairwise_k != top_n:
+            raise ConfigError(
+                f"--top-n {top_n} and --pairwise-k {pairwise_k} name the same thing "
+                "(places sorted at the top); give one"
+            )
+        pairwise_k = top_n
     for flag, option in METHOD_FLAGS.items():
-        value = getattr(args, flag, None)
+        value = pairwise_k if flag == "pairwise_k" else getattr(args, flag, None)
         if value is None:
             continue
+        if option == "k" and "top_n" in fields:  # the method's newer name for it
+            option = "top_n"
         if option not in fields:
             raise ConfigError(
                 f"--{flag.replace('_', '-')} does not apply to --method {args.method}"

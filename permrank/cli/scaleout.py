@@ -16,11 +16,12 @@ import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from permrank.backends.pool import read_endpoints
 from permrank.core.errors import ConfigError
-from permrank.core.types import Ranking, Request, Usage
+
+if TYPE_CHECKING:  # imported where used: the parsers are built without aiohttp or pydantic
+    from permrank.core.types import Ranking, Request, Usage
 
 
 class BaseUrlAction(argparse.Action):
@@ -87,6 +88,8 @@ def endpoints_of(args: argparse.Namespace) -> list[tuple[str, float]]:
     urls = getattr(args, "base_urls", None) or ([args.base_url] if args.base_url else [])
     specs = [(url, 1.0) for url in urls]
     if getattr(args, "endpoints", None):
+        from permrank.backends.pool import read_endpoints
+
         specs += read_endpoints(args.endpoints)
     seen = [url.rstrip("/") for url, _ in specs]
     repeated = {url for url in seen if seen.count(url) > 1}

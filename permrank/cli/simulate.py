@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from permrank.sim.faults import add_fault_options, faults_from_args
 from permrank.sim.noise import parse_noise
-from permrank.sim.server import Corpus, Simulator
+
+if TYPE_CHECKING:
+    from permrank.sim.server import Corpus
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def corpus_from_args(args: argparse.Namespace) -> Corpus:
+    from permrank.sim.server import Corpus
+
     if args.data:
         return Corpus.from_dir(args.data)
     if args.candidates and args.qrels:
@@ -52,6 +57,8 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
 
 
 def run(args: argparse.Namespace) -> int:
+    from permrank.sim.server import Simulator
+
     sim = Simulator(
         corpus_from_args(args),
         host=args.host,

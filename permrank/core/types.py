@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from permrank.core.scores import rank_scores
+
 REPAIR_KINDS = ("ok", "wrong_format", "repetition", "missing", "out_of_range", "refusal")
 """Every kind of repair a parsed window answer can need. ``ok`` means none was needed."""
 
@@ -20,11 +22,6 @@ class Query(BaseModel):
 
     qid: str
     text: str
-
-
-def rank_scores(n: int) -> list[float]:
-    """Scores derived from ranks: n for the first, 1 for the last (higher is better)."""
-    return [float(n - i) for i in range(n)]
 
 
 class Candidate(BaseModel):

@@ -1,6 +1,6 @@
 """Distillation labels: a teacher's rankings exported as training records, resumably.
 
-A teacher (any Reranker) ranks each query, in its input order and in ``shuffles`` seeded shuffled
+A teacher (any Reranker) ranks each query, in its input order and in ``augment`` seeded shuffled
 orders (permutation augmentation, as RankZephyr was trained). Each teacher run becomes records in
 up to three formats:
 
@@ -31,13 +31,16 @@ import logging
 import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from permrank.core import scores
 from permrank.core.errors import ConfigError, InputError
 from permrank.core.files import write_json_atomic
-from permrank.core.types import Ranking, Request
+
+if TYPE_CHECKING:  # annotations only: the CLI reads FORMATS etc. without pydantic
+    from permrank.core.types import Ranking, Request
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +112,20 @@ class LabelOptions:
 
     formats: tuple[str, ...] = FORMATS
     shard_size: int = 10_000
-    shuffles: int = 0
-    """Extra teacher runs per query, each on a seeded shuffle of the input order."""
+    augment: int = 0
+    """Permutation augmentation: extra teacher runs per query, each on a seeded shuffle of the
+    input order (``--augment``; ``shuffles`` is its older name, still taken and read)."""
     seed: int = 0
     """Seeds the shuffles and the sampling (per query and run, so a resumed run draws the same)."""
     pairs: PairSampling = field(default_factory=PairSampling)
     groups: GroupSampling = field(default_factory=GroupSampling)
+    shuffles: InitVar[int | None] = None
+
+    def __post_init__(self, shuffles: int | None) -> None:
+        if shuffles is not None:
+            if self.augment and self.augment != shuffles:
+                raise ConfigError(f"augment={self.augment} and shuffles={shuffles}: give one")
+            object.__setattr__(self, "augment", shuffles)
 
     def check(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -125,8 +136,8 @@ class LabelOptions:
             )
         if self.shard_size < 1:
             raise ConfigError(f"--shard-size must be >= 1 record (got {self.shard_size})")
-        if self.shuffles < 0:
-            raise ConfigError(f"--shuffles must be >= 0 (got {self.shuffles})")
+        if self.augment < 0:
+            raise ConfigError(f"--augment must be >= 0 (got {self.augment})")
         self.pairs.check()
         self.groups.check()
 
@@ -137,13 +148,22 @@ class LabelOptions:
         return data
 
 
+# ``options.shuffles`` reads ``augment`` (set after the dataclass is made: the ``shuffles=``
+# keyword of its __init__ is the InitVar above, whose default the dataclass has taken already).
+LabelOptions.shuffles = property(lambda self: self.augment)  # type: ignore[attr-defined]
+
+
 # -- teacher runs ---------------------------------------------------------------------------
 
 
-def teacher_requests(request: Request, shuffles: int, seed: int) -> list[Request]:
-    """The input order, then ``shuffles`` seeded shuffles of it (run 0, 1, ..., K)."""
+def teacher_requests(
+    request: Request, augment: int = 0, seed: int = 0, *, shuffles: int | None = None
+) -> list[Request]:
+    """The input order, then ``augment`` seeded shuffles of it (run 0, 1, ..., K);
+    ``shuffles=`` is the older name of ``augment``."""
+    augment = shuffles if shuffles is not None else augment
     runs = [request]
-    for run in range(1, shuffles + 1):
+    for run in range(1, augment + 1):
         candidates = list(request.candidates)
         random.Random(f"{seed}:shuffle:{request.query.qid}:{run}").shuffle(candidates)
         runs.append(request.model_copy(update={"candidates": candidates}))
@@ -232,8 +252,9 @@ def pairwise_records(
 
 
 def rank_score(rank: int, n: int) -> float:
-    """A teacher score from a 1-based rank: n for the first, 1 for the last (higher is better)."""
-    return float(n - rank + 1)
+    """A teacher score from a 1-based rank: n for the first, 1 for the last (higher is better;
+    ``permrank.core.scores``)."""
+    return scores.rank_score(rank - 1, n)
 
 
 def group_ranks(n: int, sampling: GroupSampling, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -395,6 +416,8 @@ class LabelStore:
                 raise InputError(
                     "is not valid JSON: remove the folder to start afresh", path=str(config_path)
                 ) from None
+            if "shuffles" in found and "augment" not in found:  # written before the rename
+                found["augment"] = found.pop("shuffles")
             if found != wanted:
                 changed = sorted(k for k in wanted if found.get(k) != wanted[k])
                 raise ConfigError(

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import ir_measures
 
 from permrank.core.errors import ConfigError, InputError
+from permrank.core.scores import rank_scores
 from permrank.core.types import Ranking
 from permrank.runs.io import _lines, parse_request
 
@@ -75,10 +76,8 @@ def read_run(path: str | Path) -> dict[str, dict[str, float]]:
                     f"malformed JSON ({exc.msg})", path=str(path), line=lineno
                 ) from None
             request = parse_request(record, path=str(path), line=lineno)
-            n = len(request.candidates)
-            run[request.query.qid] = {
-                c.docid: float(n - i) for i, c in enumerate(request.candidates)
-            }
+            docids = [c.docid for c in request.candidates]
+            run[request.query.qid] = dict(zip(docids, rank_scores(len(docids)), strict=True))
             continue
         parts = stripped.split()
         if len(parts) < 6:
@@ -96,8 +95,8 @@ def read_run(path: str | Path) -> dict[str, dict[str, float]]:
 def run_of(rankings: Iterable[Ranking]) -> dict[str, dict[str, float]]:
     run = {}
     for ranking in rankings:
-        n = len(ranking.candidates)
-        run[ranking.query.qid] = {c.docid: float(n - i) for i, c in enumerate(ranking.candidates)}
+        docids = [c.docid for c in ranking.candidates]
+        run[ranking.query.qid] = dict(zip(docids, rank_scores(len(docids)), strict=True))
     return run
 
 

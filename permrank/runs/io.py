@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from permrank.core.errors import InputError
-from permrank.core.types import Candidate, Query, Ranking, Request, rank_scores
+from permrank.core.scores import rank_scores
+from permrank.core.types import Candidate, Query, Ranking, Request
 
 log = logging.getLogger(__name__)
 

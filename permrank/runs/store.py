@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 MISSING = "(not recorded)"
 
+RENAMED = {"labels.shuffles": "labels.augment"}
+"""Settings renamed since a record was written: old name -> new (records are read as new)."""
+
 
 class SettingsChanged(ConfigError):
     """An output was made with other settings than the run asked to resume it with."""
@@ -185,6 +188,10 @@ class RunStore:
                 f"{self.record_path} is not a permrank run record: give --overwrite to start "
                 f"afresh, or another {self.flag}"
             )
+        fingerprint = record["fingerprint"]
+        for before, after in RENAMED.items():
+            if before in fingerprint and after not in fingerprint:
+                fingerprint[after] = fingerprint.pop(before)
         return record
 
     def check(self, fingerprint: Mapping[str, Any], *, complete: bool = True) -> None:

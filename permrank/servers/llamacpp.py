@@ -156,7 +156,9 @@ class LlamaServer(ManagedServer):
         return {
             "server": "llama.cpp (embedded)",
             "model_path": str(self.model_path),
-            "ctx_per_slot": self.ctx,
+            "local_ctx": self.ctx,  # the flags' names (--local-ctx, --local-parallel)
+            "local_parallel": self.parallel,
+            "ctx_per_slot": self.ctx,  # the names earlier manifests used
             "parallel": self.parallel,
             "threads": self.threads,
             "extra_args": self.extra_args,
@@ -186,8 +188,26 @@ def register_serve(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--local-model", metavar="PATH.gguf", help="GGUF model (default: SmolLM2)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    p.add_argument("--parallel", type=int, default=1, help="windows served at once (1)")
-    p.add_argument("--ctx", type=int, default=4096, help="context per window in tokens (4096)")
+    # The names of `permrank rerank`'s embedded server (--local-parallel, --local-ctx), and the
+    # shorter ones this command had first.
+    p.add_argument(
+        "--local-parallel",
+        "--parallel",
+        dest="parallel",
+        metavar="N",
+        type=int,
+        default=1,
+        help="windows served at once (llama.cpp slots; 1)",
+    )
+    p.add_argument(
+        "--local-ctx",
+        "--ctx",
+        dest="ctx",
+        metavar="TOKENS",
+        type=int,
+        default=4096,
+        help="context per window in tokens (4096)",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads (2)")
     p.set_defaults(func=serve_local)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from permrank.core.errors import BackendError, ConfigError
+from permrank.core.scores import rank_score
 from permrank.core.types import Candidate, Ranking, RepairReport, Request, WindowTrace
 from permrank.engine.methods.base import check_choice, check_top_k, cut, exchange, ranking_of
 
@@ -241,7 +242,7 @@ def relevance_scores(ranking: Ranking, model_scores: bool) -> list[float]:
     for rank, candidate in enumerate(ranking.candidates):
         value = found.get(candidate.docid)
         if value is None or not math.isfinite(value):
-            value = 1.0 - rank / n if not found else -math.inf
+            value = rank_score(rank, n, unit=True) if not found else -math.inf
         if out and value >= out[-1]:
             value = math.nextafter(out[-1], -math.inf)
         out.append(value)
