@@ -84,6 +84,31 @@ def llama_server_binary() -> Path:
     return path
 
 
+def amx_flags() -> bool:
+    """Whether the CPU reports Intel AMX tiles (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def safe_cpu_args(extra_args: Sequence[str]) -> list[str]:
+    """``--no-repack`` on CPUs that report AMX, unless the caller chose a repack option.
+
+    llama.cpp built with ``-march=native`` repacks weights for AMX when the CPU reports it;
+    in virtual machines that report AMX without enabling its tile state (measured here: a
+    Firecracker VM), the first matrix product dies with SIGILL (``tilezero``). Without
+    repacking the server runs. ``PERMRANK_LLAMA_REPACK=1`` keeps repacking on.
+    """
+    if any("repack" in a for a in extra_args) or os.environ.get("PERMRANK_LLAMA_REPACK") == "1":
+        return []
+    return ["--no-repack"] if amx_flags() else []
+
+
 class LlamaServer(ManagedServer):
     """A ``llama-server`` child process on loopback; ``with LlamaServer() as s: s.base_url``.
 
@@ -152,6 +177,7 @@ class LlamaServer(ManagedServer):
             "--threads",
             str(self.threads),
             "--no-webui",
+            *safe_cpu_args(self.extra_args),
             *self.extra_args,
         ]
 
