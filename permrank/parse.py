@@ -16,8 +16,8 @@ Rules, in order:
    shown order.
 5. Answers that parse but do not rank are named: ``echo`` when the identifiers given (three or
    more) are the window in the order it was shown, ``format_example`` when the answer copies
-   the prompt's format example (``[] > []``, ``e.g. [1] > [2]``: empty brackets, or exactly an
-   example pair in a window of more than two). Neither is ``ok``. ``echo_warning`` turns their
+   the prompt's format example (the empty brackets of ``[] > []``; ``[] > [1]`` is what
+   Qwen2.5-Coder-0.5B answers). Neither is ``ok``. ``echo_warning`` turns their
    counts into the run summary's warning.
 """
 
@@ -41,8 +41,6 @@ _BARE_LINE = re.compile(r"^\s*\d{1,4}(\s*(?:>|,|>>|→|->|;)\s*\d{1,4})+\s*\.?\s
 _BARE_CHAIN = re.compile(r"(?<!\d)\d{1,4}(?:\s*(?:>>?|≻|›|→|->)\s*\d{1,4})+(?!\d)")
 _NUMBER = re.compile(r"\d{1,4}")
 _EMPTY_BRACKETS = re.compile(_OPEN + r"\s*" + _CLOSE)
-FORMAT_EXAMPLES = ((1, 2), (4, 2), (2, 1))
-"""Identifier pairs the built-in prompts show as the answer format (rankgpt, rankzephyr)."""
 ECHO_MIN = 3
 """An identity order of fewer identifiers is too likely to be a real answer to name."""
 _REFUSAL = re.compile(
@@ -126,9 +124,7 @@ def parse_permutation(answer: str, n: int) -> tuple[list[int], RepairReport]:
     order.extend(missing)
     refusal = not identifiers and bool(_REFUSAL.search(final_answer(answer)))
     given = order[: len(seen)]
-    example = bool(_EMPTY_BRACKETS.search(final_answer(answer))) or (
-        n > 2 and tuple(identifiers) in FORMAT_EXAMPLES
-    )
+    example = bool(_EMPTY_BRACKETS.search(final_answer(answer)))
     echo = not example and len(given) >= ECHO_MIN and given == list(range(len(given)))
     report = RepairReport(
         wrong_format=not clean and not refusal and not example,

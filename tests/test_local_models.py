@@ -132,7 +132,9 @@ def test_killed_assembly_leaves_nothing_trusted(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     (folder / (registry.TEMP_PREFIX + "x.gguf")).write_bytes(b"half")
     path = registry.ensure_assembled(model)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["fake.gguf", "fake.gguf.verified.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["fake.gguf", "fake.gguf.verified.json"]
+    )
     assert path.stat().st_size == model.size
 
 
@@ -140,13 +142,14 @@ def test_kill_during_assembly(tmp_path, monkeypatch):
     """SIGKILL mid-assembly (a real child process): no target file, then a clean assembly."""
     model = fake_model(tmp_path, monkeypatch)
     script = tmp_path / "kill.py"
+    fields = [tuple(vars(p).values()) for p in model.parts]
     script.write_text(
         "import os, signal, sys\n"
         f"sys.path[:0] = [{str(tmp_path / 'site')!r}, {str(ROOT)!r}]\n"
         "from permrank.servers import models as r\n"
         "from permrank.servers.models import LocalModel, Part\n"
         f"m = LocalModel(name='fake', title='', file_name='fake.gguf', size={model.size}, "
-        f"sha256={model.sha256!r}, parts=tuple(Part(*p) for p in {[tuple(vars(p).values()) for p in model.parts]!r}))\n"
+        f"sha256={model.sha256!r}, parts=tuple(Part(*p) for p in {fields!r}))\n"
         "r.ensure_assembled(m, progress=lambda done, total: done > 4000 and "
         "os.kill(os.getpid(), signal.SIGKILL))\n"
     )

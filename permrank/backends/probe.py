@@ -49,6 +49,8 @@ class ServerInfo:
     tokenize: bool = False
     """Whether ``/tokenize`` counts with the model's own tokenizer."""
     version: str | None = None
+    slots: int | None = None
+    """Requests the server works on at once (llama.cpp's ``/props`` ``total_slots``)."""
 
     def tokenizer(self, timeout_s: float = 30.0) -> ServerTokenizer | None:
         """The served model's own tokenizer, when the server has one."""
@@ -171,6 +173,7 @@ def probe(
         n_ctx = settings.get("n_ctx") or (entry.get("meta") or {}).get("n_ctx")
         info.context_window = int(n_ctx) if n_ctx else None
         info.chat = bool(props.get("chat_template"))
+        info.slots = int(props["total_slots"]) if props.get("total_slots") else None
         info.logprobs = True
         info.tokenize = True
     elif kind == "vllm":

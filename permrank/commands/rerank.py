@@ -196,8 +196,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--local-parallel",
         type=int,
-        default=1,
-        help="windows the embedded server works on at once (llama.cpp slots; 1)",
+        default=None,
+        help="requests the embedded server works on at once (llama.cpp slots; 1, or what the "
+        "named model's measured method uses)",
     )
     g.add_argument(
         "--local-ctx",
@@ -324,6 +325,14 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         constrain=constrain,
         cache=cache_path_of(args),
     )
+    slots = getattr(info, "slots", None) if info is not None else None
+    if endpoint is not None and endpoint.server is None and slots and info.kind == "llama.cpp":
+        # A llama.cpp server answers `slots` requests at once; more only queue there, on our
+        # timeout, and are sent again when it expires: send no more than it works on, and give
+        # a slow (CPU) server the embedded model's patience.
+        options["concurrency"] = min(args.concurrency, slots)
+        if args.timeout == DEFAULT_TIMEOUT_S:
+            options["timeout_s"] = EMBEDDED_TIMEOUT_S
     if endpoint is not None and endpoint.server is not None:
         # More requests than the embedded server has slots only queue there, on our timeout,
         # and a CPU can take minutes over a long prompt: no point giving up at 2 minutes.
@@ -345,7 +354,7 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         args.model,
         api_key_env=args.api_key_env,
         local_model=getattr(args, "local_model", None),
-        local_parallel=getattr(args, "local_parallel", 1),
+        local_parallel=getattr(args, "local_parallel", None) or 1,
         local_ctx=getattr(args, "local_ctx", 4096),
     ) as found:
         if found.server is not None and not getattr(args, "quiet", False):

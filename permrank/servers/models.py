@@ -90,6 +90,9 @@ class Recipe:
     method_options: dict[str, Any] = field(default_factory=dict)
     max_passage_tokens: int | None = None
     why: str = ""
+    parallel: int = 1
+    """llama.cpp slots: scoring methods send one request per passage, and batching their
+    decoding steps (query likelihood) is cheaper on a CPU than running them one by one."""
 
 
 @dataclass(frozen=True)
@@ -488,6 +491,8 @@ def settle_args(args: Any) -> LocalModel | None:
             }
             if getattr(args, "max_passage_tokens", None) is None:
                 args.max_passage_tokens = entry.recipe.max_passage_tokens
+            if hasattr(args, "local_parallel") and args.local_parallel is None:
+                args.local_parallel = entry.recipe.parallel
         else:
             args.method = "listwise"
             args.method_choice = {
@@ -497,6 +502,8 @@ def settle_args(args: Any) -> LocalModel | None:
             }
     else:
         args.method_choice = {"method": args.method, "chosen_by": "user"}
+    if hasattr(args, "local_parallel") and args.local_parallel is None:
+        args.local_parallel = 1
     if hasattr(args, "max_passage_tokens") and args.max_passage_tokens is None:
         args.max_passage_tokens = DEFAULT_MAX_PASSAGE_TOKENS
     args.recipe_options = recipe_options
