@@ -249,7 +249,9 @@ def test_grammar_gives_a_permutation_needing_no_repair(server: LlamaServer) -> N
     ) as reranker:
         ranking = reranker.rank(query, passages)
     (window,) = ranking.trace
-    assert window.repair.ok and ranking.usage.repairs["ok"] == 1
+    # SmolLM2 may answer in the shown order: an echo, but no repair of the format.
+    assert set(window.repair.kinds()) <= {"ok", "echo"}
+    assert ranking.usage.repairs["ok"] + ranking.usage.repairs["echo"] == 1
     assert sorted(window.permutation) == [0, 1, 2, 3, 4]
     assert window.answer.count("] > [") == 4
     assert reranker.manifest()["constrain"] == "grammar"
