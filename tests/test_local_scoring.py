@@ -48,7 +48,7 @@ def test_graded_score_is_the_expected_grade() -> None:
     top = [("Highly", -0.1), ("Somewhat", -2.5), ("Not", -4.0), ("The", -5.0)]
     score = graded_score(top)
     assert 1.8 < score < 2.0
-    assert graded_score([("Not", -0.05), ("Somewhat", -3.0)]) < 0.1
+    assert graded_score([("Not", -0.05), ("Somewhat", -3.0), ("The", -6.0)]) < 0.1
     # Case and spacing variants are one word.
     assert graded_score([(" highly", -0.1), ("HIGHLY", -0.2), ("Not", -6.0)]) > 1.99
 
