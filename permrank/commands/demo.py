@@ -32,6 +32,7 @@ from .rerank import (
 REPO = Path(__file__).resolve().parents[2]
 DATA_CHOICES = (
     REPO.parent / "shared" / "data" / "trec-dl19",  # ../shared/data beside the repository
+    Path(__file__).resolve().parents[1] / "demo_data",  # ships in the package: 10 queries
     REPO / "fixtures" / "dl19-3q20",  # what ships in the repository
 )
 
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         help="folder with candidates.jsonl and qrels.txt (default: ../shared/data/trec-dl19 "
-        "beside the repository, else fixtures/dl19-3q20)",
+        "beside the repository, else the 10 DL19 queries shipped in the package)",
     )
     p.add_argument("--queries", type=int, default=10, help="queries to rerank (10)")
     p.add_argument("--depth", type=int, default=20, help="candidates per query (20)")
