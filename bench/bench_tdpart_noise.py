@@ -35,7 +35,9 @@ def run(strategy, queries, qrels, noise: Noise, overhead: float):
         grades = [qrels.get(qid, {}).get(d, 0) for d in docids]
         seen = [0]
 
-        def judge(window: list[int], qid: str = qid, grades: list[int] = grades) -> list[int]:
+        def judge(
+            window: list[int], qid: str = qid, grades: list[int] = grades, seen: list = seen
+        ) -> list[int]:
             seen[0] += len(window) + overhead
             key = f"{qid}:{','.join(map(str, window))}"
             answer = judge_order([grades[i] for i in window], noise, key)
