@@ -115,9 +115,7 @@ def run(args: argparse.Namespace) -> int:
             t1 = time.perf_counter()
             rankings = []
             # One query at a time: the bar's rate (and so its time left) is per query.
-            with tqdm(
-                total=len(requests), unit="query", desc="demo", file=sys.stderr, disable=None
-            ) as bar:
+            with tqdm(total=len(requests), unit="query", desc="demo", file=sys.stderr) as bar:
                 for request in requests:
                     rankings.extend(reranker.rerank_batch([request]))
                     bar.update(1)
