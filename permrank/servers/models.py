@@ -127,7 +127,9 @@ class LocalModel:
         needed = [self.package_file] if self.package_file is not None else list(self.parts)
         for part in needed:
             path = part.locate() if part is not None else None
-            if path is None or path.stat().st_size != part.size:  # type: ignore[union-attr]
+            if path is None:
+                return False
+            if part.size and path.stat().st_size != part.size:  # type: ignore[union-attr]
                 return False
         return True
 
