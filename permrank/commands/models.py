@@ -174,7 +174,10 @@ def model_rows() -> list[dict[str, object]]:
     for model in registry.LOCAL_MODELS.values():
         installed = model.installed()
         assembled = bool(model.parts) and registry._trusted(model, model.cached_path())
-        size = model.size or (sum(p.size for p in model.parts) if model.parts else 0)
+        size = model.size
+        if not size and model.package_file is not None and installed:
+            found = model.package_file.locate()
+            size = found.stat().st_size if found else 0
         rows.append(
             {
                 "name": model.name,
