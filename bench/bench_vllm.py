@@ -32,10 +32,10 @@ from typing import Any
 import httpx
 
 from permrank.backends.vllm_inprocess import HfTokenizer, VllmInProcessBackend
-from permrank.cli.models import default_model_dir
 from permrank.core.types import Completion, Request
 from permrank.engine.reranker import Reranker
 from permrank.runs.io import read_requests
+from permrank.servers.convert import default_model_dir
 from permrank.servers.vllm import VllmServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
 DL19_3Q20 = ROOT / "fixtures" / "dl19-3q20"
 SMALL = ["--max-passage-tokens", "32"]  # short prompts: a loaded 2-core machine stays quick
+SMOL = "smollm2-135m"  # the machinery is tested on the smallest model; quality is not asserted
+EMBEDDED_SMOL = ["--local-model", SMOL, "--method", "listwise"]
 
 
 def alive(pid: int) -> bool:
@@ -75,7 +77,7 @@ def wait_gone(pid: int, seconds: float = 10.0) -> bool:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LlamaServer]:
-    with LlamaServer(ctx=2048) as running:
+    with LlamaServer(SMOL, alias="SmolLM2-135M-Instruct.Q4_1", ctx=2048) as running:
         yield running
 
 
@@ -100,9 +102,11 @@ def test_a_file_that_is_not_a_model_fails_with_the_log_tail(tmp_path: Path) -> N
         LlamaServer(tmp_path / "missing.gguf")
 
 
-def test_default_model_is_the_packaged_smollm2() -> None:
+def test_default_model_is_qwen_05b_assembled_from_its_wheels() -> None:
     path = default_model_path()
-    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert path.name == "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    assert path.stat().st_size == 491_400_064
+    assert LlamaServer(SMOL).model_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def spawn(*argv: str, ready: str, stream: str) -> tuple[subprocess.Popen[str], int, str]:
@@ -133,7 +137,7 @@ def serve_local(*extra: str) -> tuple[subprocess.Popen[str], int]:
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_serve_local_leaves_no_server_behind(how: signal.Signals) -> None:
-    process, child = serve_local("--ctx", "1024")
+    process, child = serve_local("--ctx", "1024", "--local-model", SMOL)
     process.send_signal(how)
     process.wait(30)
     process.communicate()
@@ -149,7 +153,7 @@ def test_probe_reads_llama_cpp_capabilities(server: LlamaServer) -> None:
 
 
 def test_probe_context_is_per_slot() -> None:
-    with LlamaServer(ctx=1024, parallel=2) as two_slots:
+    with LlamaServer(SMOL, ctx=1024, parallel=2) as two_slots:
         assert probe(two_slots.base_url).context_window == 1024
 
 
@@ -249,7 +253,9 @@ def test_grammar_gives_a_permutation_needing_no_repair(server: LlamaServer) -> N
     ) as reranker:
         ranking = reranker.rank(query, passages)
     (window,) = ranking.trace
-    assert window.repair.ok and ranking.usage.repairs["ok"] == 1
+    # SmolLM2 may answer in the shown order: an echo, but no repair of the format.
+    assert set(window.repair.kinds()) <= {"ok", "echo"}
+    assert ranking.usage.repairs["ok"] + ranking.usage.repairs["echo"] == 1
     assert sorted(window.permutation) == [0, 1, 2, 3, 4]
     assert window.answer.count("] > [") == 4
     assert reranker.manifest()["constrain"] == "grammar"
@@ -301,7 +307,7 @@ def test_cli_constrain_auto_picks_the_grammar_and_reports_repairs(
 def test_rerank_without_base_url_runs_the_embedded_model(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     argv = ["rerank", "--input", str(DL19_3Q20 / "candidates.jsonl"), "--output", str(out)]
-    argv += ["--qrels", str(DL19_3Q20 / "qrels.txt"), *SMALL]
+    argv += ["--qrels", str(DL19_3Q20 / "qrels.txt"), *SMALL, *EMBEDDED_SMOL]
     before = llama_children(os.getpid())  # the module's server, if it runs
     assert main(argv) == 0
     assert llama_children(os.getpid()) == before  # the embedded one stopped when the run ended
@@ -320,7 +326,7 @@ def test_rerank_without_base_url_runs_the_embedded_model(tmp_path: Path) -> None
     params, totals = manifest["parameters"], manifest["totals"]
     assert params["endpoint"]["kind"] == "llama.cpp"
     assert params["embedded_server"]["model_path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert params["tokenizer"] == "llama.cpp:SmolLM2-135M-Instruct.Q4_1"
+    assert params["tokenizer"] == "llama.cpp:smollm2-135m"
     assert params["budget"]["context_window"] == 4096  # from the probe, not the 8192 default
     assert totals["calls"] == 3
     # Token counts are the server's: at least the 20 passages cut to 32 tokens, per call.
@@ -330,7 +336,7 @@ def test_rerank_without_base_url_runs_the_embedded_model(tmp_path: Path) -> None
 def run_cli_in_child(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
     """``permrank rerank`` (embedded) in a child process; it and its server, once started."""
     argv = ["rerank", "--input", str(DL19_3Q20 / "candidates.jsonl")]
-    argv += ["--output", str(tmp_path / "out.jsonl"), *extra]
+    argv += ["--output", str(tmp_path / "out.jsonl"), *EMBEDDED_SMOL, *extra]
     process, child, _ = spawn(*argv, ready="started llama.cpp", stream="stderr")
     return process, child
 

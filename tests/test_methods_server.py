@@ -26,7 +26,7 @@ FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "dl19-3q20" / "c
 def llama() -> Iterator[object]:
     llamacpp = pytest.importorskip("permrank.servers.llamacpp")
     try:
-        server = llamacpp.LlamaServer(ctx=2048)
+        server = llamacpp.LlamaServer("smollm2-135m", ctx=2048)
     except Exception as exc:  # noqa: BLE001 - no binary or no model: skip, say why
         pytest.skip(f"no embedded llama.cpp server: {exc}")
     with server:

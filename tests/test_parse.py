@@ -297,3 +297,33 @@ def test_pathological_answers_parse_in_linear_time(answer: str) -> None:
     order, _ = parse_permutation(answer, 20)
     assert sorted(order) == list(range(20))
     assert time.perf_counter() - started < 2.0
+
+
+def test_identity_answer_is_an_echo_not_ok() -> None:
+    order, report = parse_permutation(" > ".join(f"[{i}]" for i in range(1, 21)), 20)
+    assert order == list(range(20))
+    assert not report.ok and report.kinds() == ["echo"]
+    # A partial identity with the rest appended is an echo too (and missing passages).
+    _, report = parse_permutation("[1] > [2] > [3]", 10)
+    assert report.echo and report.missing == 7
+    # Two in the shown order is too likely a real answer to name; a real ranking is ok.
+    assert not parse_permutation("[1] > [2]", 2)[1].echo
+    assert parse_permutation("[2] > [1] > [3]", 3)[1].ok
+
+
+def test_format_example_copy_is_named() -> None:
+    order, report = parse_permutation("[] > [1]", 20)
+    assert report.format_example and not report.ok and not report.echo
+    assert "format_example" in report.kinds() and order == list(range(20))
+    assert parse_permutation("[] > []", 5)[1].kinds() == ["missing", "format_example"]
+
+
+def test_echo_warning_when_most_windows_echo() -> None:
+    from permrank.core.parse import echo_warning
+
+    warning = echo_warning({"ok": 0, "echo": 10}, 10)
+    assert warning is not None
+    assert "returned the input order for 10 of 10 windows: it is not ranking" in warning
+    assert echo_warning({"ok": 9, "echo": 1}, 10) is None
+    mixed = echo_warning({"echo": 3, "format_example": 4}, 10)
+    assert mixed is not None and "format example (4)" in mixed

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from permrank.cli.main import main
-from permrank.cli.models import convert_gguf, default_model_dir, is_converted, smollm2_gguf
 from permrank.runs.io import read_requests
+from permrank.servers.convert import convert_gguf, default_model_dir, is_converted, smollm2_gguf
 
 pytestmark = [pytest.mark.vllm, pytest.mark.server, pytest.mark.slow]
 

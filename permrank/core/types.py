@@ -13,8 +13,19 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from permrank.core.scores import rank_scores
 
-REPAIR_KINDS = ("ok", "wrong_format", "repetition", "missing", "out_of_range", "refusal")
-"""Every kind of repair a parsed window answer can need. ``ok`` means none was needed."""
+REPAIR_KINDS = (
+    "ok",
+    "wrong_format",
+    "repetition",
+    "missing",
+    "out_of_range",
+    "refusal",
+    "echo",
+    "format_example",
+)
+"""Every kind of repair a parsed window answer can need. ``ok`` means none was needed.
+``echo`` (the window returned in the order it was shown) and ``format_example`` (the prompt's
+format example copied, e.g. ``[] > []``) parse cleanly but are not rankings."""
 
 
 class Query(BaseModel):
@@ -62,6 +73,10 @@ class RepairReport(BaseModel):
     missing: int = 0
     out_of_range: int = 0
     refusal: bool = False
+    echo: bool = False
+    """The answer is the shown order (identity over 3 or more identifiers): not a ranking."""
+    format_example: bool = False
+    """The answer copies the prompt's format example (``[] > []``, ``[1] > [2]``)."""
 
     def kinds(self) -> list[str]:
         """The names of the repairs done (``["ok"]`` when none)."""
@@ -78,6 +93,10 @@ class RepairReport(BaseModel):
             names.append("out_of_range")
         if self.refusal:
             names.append("refusal")
+        if self.echo:
+            names.append("echo")
+        if self.format_example:
+            names.append("format_example")
         return names
 
 

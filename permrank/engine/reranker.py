@@ -182,7 +182,7 @@ class Reranker:
         self.template = prompt if isinstance(prompt, Template) else load_template(prompt)
         if backend == "vllm":
             from permrank.backends.vllm_inprocess import VllmInProcessBackend
-            from permrank.cli.models import default_model_dir
+            from permrank.servers.convert import default_model_dir
 
             backend = VllmInProcessBackend(
                 model or default_model_dir(), max_model_len=context_window

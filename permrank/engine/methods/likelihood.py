@@ -11,16 +11,24 @@ the model did not choose, which servers give in one of three ways (``mode``):
   before the grammar is applied: exact teacher forcing. The query's token ids come from its
   ``/tokenize`` route. One request per passage, generating as many tokens as the query has.
 - ``auto`` (default): ``echo`` first; if the server does not echo, ``forced``.
+
+``normalise`` turns the query tokens' logprobs into one score: ``mean`` (UPR's average, the
+default) or ``sum`` (the query's log-likelihood; the same order within a query, since every
+passage is scored on the same query, but a different scale when fused). ``interpolate`` fuses
+the score with the first-stage score: both are min-max normalised within the query and mixed
+as ``w * model + (1 - w) * first_stage`` (``w = interpolate``); candidates without a
+first-stage score are given one from their rank (``-rank``), so the order of the input counts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from permrank.core.errors import BackendError
+from permrank.core.errors import BackendError, ConfigError
 from permrank.core.logprobs import (
     LogprobsUnavailable,
     TokenLogprob,
@@ -30,11 +38,12 @@ from permrank.core.logprobs import (
 from permrank.core.types import Candidate, Query, Ranking, Request, WindowTrace
 from permrank.engine.methods.base import (
     Call,
+    PassageScorer,
     call,
     check_choice,
     check_top_k,
     cut,
-    rerank_by_scores,
+    ranking_of,
     send,
     trace_of,
 )
@@ -45,7 +54,56 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UPR_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
+CHAT_UPR_PROMPT = (
+    "<|im_start|>user\nPassage: {passage}\nWrite a question that this passage answers."
+    "<|im_end|>\n<|im_start|>assistant\nQuestion:"
+)
+"""UPR in a ChatML turn (Qwen, SmolLM2): the instruction-tuned models' own format."""
+PROMPTS = {"upr": UPR_PROMPT, "chat-upr": CHAT_UPR_PROMPT}
 MODES = ("auto", "echo", "prompt_logprobs", "forced")
+NORMALISE = ("mean", "sum")
+
+
+def min_max(values: list[float]) -> list[float]:
+    low, high = min(values), max(values)
+    if high - low <= 0:
+        return [0.0 for _ in values]
+    return [(v - low) / (high - low) for v in values]
+
+
+def fuse(scores: list[float], candidates: list[Candidate], weight: float | None) -> list[float]:
+    """``weight * model + (1 - weight) * first stage``, both min-max normalised in the query;
+    the first stage's score is ``-rank`` where a candidate has none. ``None``: the scores."""
+    if weight is None or not scores:
+        return scores
+    first = [c.score for c in candidates]
+    if any(v is None for v in first):
+        first = [-float(i) for i in range(len(candidates))]
+    model_n = min_max(scores)
+    first_n = min_max([float(v) for v in first])  # type: ignore[arg-type]
+    return [weight * m + (1.0 - weight) * f for m, f in zip(model_n, first_n, strict=True)]
+
+
+def check_weight(weight: float | None) -> None:
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"interpolate must be between 0 and 1 (got {weight})")
+
+
+async def rerank_fused(
+    scorer: PassageScorer, pipeline: Pipeline, request: Request, weight: float | None
+) -> Ranking:
+    """Score the first ``top_k`` candidates at once, fuse with the first stage (``weight``),
+    order by the result (ties keep input order); the rest follow in input order."""
+    started = time.perf_counter()
+    n = len(request.candidates)
+    m = n if scorer.top_k is None else min(scorer.top_k, n)
+    results = await asyncio.gather(
+        *(scorer.score(pipeline, request.query, c) for c in request.candidates[:m])
+    )
+    scores = fuse([s for s, _ in results], request.candidates[:m], weight)
+    order = sorted(range(m), key=lambda i: (-scores[i], i)) + list(range(m, n))
+    trace = [t for _, traces in results for t in traces]
+    return ranking_of(request, order, trace, 1 if m else 0, started)
 
 
 def tail_logprobs(tokens: list[TokenLogprob], chars: int) -> list[float]:
@@ -80,6 +138,8 @@ class Likelihood:
     mode: str = "auto"
     prompt: str = UPR_PROMPT
     top_k: int | None = None
+    normalise: str = "mean"
+    interpolate: float | None = None
     name: str = "likelihood"
     _resolved: str | None = field(default=None, repr=False, compare=False)
     _lock: asyncio.Lock | None = field(default=None, repr=False, compare=False)
@@ -87,7 +147,10 @@ class Likelihood:
 
     def __post_init__(self) -> None:
         check_choice(self.mode, MODES, "mode")
+        check_choice(self.normalise, NORMALISE, "normalise")
         check_top_k(self.top_k)
+        check_weight(self.interpolate)
+        self.prompt = PROMPTS.get(self.prompt, self.prompt)
         if self.mode != "auto":
             self._resolved = self.mode
 
@@ -126,13 +189,13 @@ class Likelihood:
     def _finish(
         self, values: list[float], calls: list[Call], candidate: Candidate
     ) -> tuple[float, list[WindowTrace]]:
-        score = sum(values) / len(values)
+        score = sum(values) if self.normalise == "sum" else sum(values) / len(values)
         traces = [
             trace_of(
                 c,
                 round_index=0,
                 docids=[candidate.docid],
-                answer=f"{len(values)} query tokens, mean logprob {score:.4f}",
+                answer=f"{len(values)} query tokens, {self.normalise} logprob {score:.4f}",
                 permutation=[0],
                 score=score if c is calls[-1] else None,
             )
@@ -197,7 +260,7 @@ class Likelihood:
         return [t.logprob for t in tokens if t.logprob is not None]
 
     async def rerank(self, pipeline: Pipeline, request: Request) -> Ranking:
-        return await rerank_by_scores(self, pipeline, request)
+        return await rerank_fused(self, pipeline, request, self.interpolate)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -205,5 +268,7 @@ class Likelihood:
             "mode": self.mode,
             "resolved_mode": self._resolved,
             "prompt": self.prompt,
+            "normalise": self.normalise,
+            "interpolate": self.interpolate,
             "top_k": self.top_k,
         }

