@@ -30,7 +30,7 @@ NOT_RUN = {
 
 def documented_examples() -> set[str]:
     """Examples included in a docs page or the README (draft), as paths from the root."""
-    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md", ROOT / "README.new.md"]
+    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
     found: set[str] = set()
     for page in pages:
         if page.exists():
@@ -100,7 +100,7 @@ def test_the_docs_show_examples_and_each_is_run_or_excused() -> None:
 def readme_snippets() -> list[tuple[str, str]]:
     """Python blocks of the README (and its draft) that talk to the quickstart's simulator."""
     found = []
-    for page in (ROOT / "README.md", ROOT / "README.new.md"):
+    for page in (ROOT / "README.md",):
         if page.exists():
             blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
             found += [(page.name, b) for b in blocks if '"permrank-simulator"' in b]

@@ -107,7 +107,8 @@ def test_limit_is_not_a_setting_more_queries_resume(sim, tmp_path, capsys):
     assert totals["queries"] == 4 and manifest["resumed_queries"] == 2
     assert totals["calls"] == first["calls"] + 18 == 36
     assert totals["prompt_tokens"] > first["prompt_tokens"] > 0
-    assert totals["repairs"]["ok"] == 36
+    # every window answered in full: ok, or the shown order given back (echo)
+    assert totals["repairs"].get("ok", 0) + totals["repairs"].get("echo", 0) == 36
     assert manifest["this_run"]["totals"]["calls"] == 18
     assert manifest["seconds"] >= manifest["this_run"]["seconds"]
     record = json.loads(Path(f"{output}.run.json").read_text())

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- permrank serve api ---------------------------------------------------------------------------
 def register_api(kinds: argparse._SubParsersAction) -> None:
-    from permrank.cli.rerank import add_model_options
+    from permrank.cli.options import add_model_options
 
     p = kinds.add_parser(
         "api",
@@ -85,7 +85,7 @@ def serve_api(args: argparse.Namespace) -> int:
     import sys
     import threading
 
-    from permrank.cli.rerank import check_settings, model_endpoint, reranker_from_args
+    from permrank.cli.endpoint import check_settings, model_endpoint, reranker_from_args
     from permrank.core.errors import ConfigError
     from permrank.servers.process import free_port
 

@@ -22,6 +22,9 @@ journal's positions, so no record is written twice and none is lost. ``stats.jso
 from the journal, so its counts are those of the records on disk.
 
 Everything here is pure except ``LabelStore`` (the output folder).
+
+Why one module of ~590 lines: the label options, the three record formats and the resumable
+store share one journal format and are read together; split, each part would import the others.
 """
 
 from __future__ import annotations

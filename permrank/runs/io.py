@@ -3,6 +3,10 @@ TREC run files.
 
 Reading is streamed. ``validate_requests`` reads the whole input once before any model call and
 refuses bad input with the file, the line and the field; ``read_requests`` then streams it.
+
+Why ~440 lines: reading (two input layouts, with file:line errors) and crash-safe writing share
+the record helpers (qid, docids) that resume depends on; keeping them together keeps the
+formats in one place.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ group. It is stopped by ``stop()``, by the context manager, at interpreter exit,
 (turned into ``SystemExit`` where no other handler is set), on Ctrl-C (``KeyboardInterrupt``
 unwinds through the context manager), and on Linux the kernel signals it when its parent dies
 (``PR_SET_PDEATHSIG``). Subclasses say what to run: ``LlamaServer``, ``VllmServer``.
+
+Why ~410 lines: the whole life of a server process (start with port retry, health wait,
+parent-death signal, group stop with a grace period, the at-exit registry, the serve loop) is
+one state machine shared by llama.cpp and vLLM.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ the app starts, closed when it stops): the windows of all requests in flight sha
 so they are sent together within the endpoint's concurrency, and a request with many windows
 holds no other. Bad requests are refused with a 4xx JSON error naming the field before any model
 call; an upstream failure is a 502 (503 when the endpoint is unreachable), never a made-up order.
+
+Why ~490 lines: the routes of three API shapes (Cohere/Jina, TEI, the page's trace), their error
+handlers and the shared engine's life cycle belong to one FastAPI app; the request and response
+models are in ``schemas.py``.
 """
 
 from __future__ import annotations
