@@ -38,4 +38,6 @@ def test_dl19_one_pass_noiseless() -> None:
     assert stats["requests"] == 43 * 9 and stats["unmatched"] == 0
     assert stats["temperatures"] == {"0.0": 43 * 9}
     assert stats["passages_shown"] == 43 * 9 * 20  # every passage of every window was found
-    assert all(r.usage.calls == 9 and r.usage.repairs["ok"] == 9 for r in rankings)
+    # every window answered in full (the simulator gives some back in the shown order: echo)
+    assert all(r.usage.calls == 9 for r in rankings)
+    assert all(r.usage.repairs.get("ok", 0) + r.usage.repairs.get("echo", 0) == 9 for r in rankings)
