@@ -4,10 +4,12 @@ strategy value, one registry, pairwise ``top_n``."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,56 +84,39 @@ def test_every_public_name_resolves_and_dir_lists_it() -> None:
 
 
 def test_old_module_paths_give_the_same_objects() -> None:
-    import permrank.rerank as old_rerank
-
     import permrank.engine.reranker as reranker_module
     from permrank.cli import rerank as new_cli_rerank
-    from permrank.commands import rerank as old_cli_rerank
+    from permrank.core.logprobs import floor_logprob as new_floor
     from permrank.core.strategies import sliding
     from permrank.distill.labels import LabelOptions
     from permrank.distill.train import losses
     from permrank.engine import methods
+    from permrank.engine.pipeline import Pipeline, ask_window, drive_strategy
     from permrank.runs import evaluate, io, store
 
+    def old(name: str) -> Any:  # imported by their old dotted names, as earlier code does
+        return importlib.import_module(name)
+
+    old_rerank = old("permrank.rerank")
     assert old_rerank is reranker_module and old_rerank.__name__ == "permrank.engine.reranker"
     assert old_rerank.__spec__.name == "permrank.engine.reranker"
-    from permrank.rerank import Pipeline as OldPipeline
-    from permrank.rerank import Reranker as OldReranker
-    from permrank.rerank import ask_window as old_ask_window
-    from permrank.rerank import drive_strategy as old_drive
-
-    from permrank.engine.pipeline import Pipeline, ask_window, drive_strategy
-
-    assert (OldReranker, OldPipeline, old_ask_window, old_drive) == (
-        Reranker,
-        Pipeline,
-        ask_window,
-        drive_strategy,
-    )
-    from permrank.strategies.sliding import SlidingWindow as OldSliding
-
-    from permrank.strategies import run_plan as old_run_plan
-
-    assert old_run_plan is run_plan and OldSliding is sliding.SlidingWindow is SlidingWindow
-    assert old_cli_rerank is new_cli_rerank
-    import permrank.errors
-    import permrank.evaluate
-    import permrank.io
-    import permrank.losses
-    import permrank.runstore
-    import permrank.types
-    from permrank.methods.logprobs import floor_logprob
-
-    import permrank.methods
-    from permrank.core.logprobs import floor_logprob as new_floor
-
-    assert permrank.losses is losses and permrank.io is io and permrank.evaluate is evaluate
-    assert permrank.types.Ranking is Ranking and permrank.errors.ConfigError is ConfigError
-    assert permrank.methods is methods and permrank.runstore is store
-    assert floor_logprob is new_floor
-    from permrank.distill import LabelOptions as OldLabelOptions
-
-    assert OldLabelOptions is LabelOptions
+    assert (
+        old_rerank.Reranker,
+        old_rerank.Pipeline,
+        old_rerank.ask_window,
+        old_rerank.drive_strategy,
+    ) == (Reranker, Pipeline, ask_window, drive_strategy)
+    assert old("permrank.strategies").run_plan is run_plan
+    assert old("permrank.strategies.sliding").SlidingWindow is sliding.SlidingWindow
+    assert sliding.SlidingWindow is SlidingWindow
+    assert old("permrank.commands.rerank") is new_cli_rerank
+    assert old("permrank.losses") is losses and old("permrank.io") is io
+    assert old("permrank.evaluate") is evaluate
+    assert old("permrank.types").Ranking is Ranking
+    assert old("permrank.errors").ConfigError is ConfigError
+    assert old("permrank.methods") is methods and old("permrank.runstore") is store
+    assert old("permrank.methods.logprobs").floor_logprob is new_floor
+    assert old("permrank.distill").LabelOptions is LabelOptions
 
 
 def test_the_alias_finder_leaves_the_simulator_alone() -> None:
