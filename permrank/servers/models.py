@@ -320,17 +320,34 @@ def _marker(path: Path) -> Path:
     return path.with_name(path.name + MARKER_SUFFIX)
 
 
+def _part_files(model: LocalModel) -> dict[str, list[int]]:
+    """The installed parts' files: path -> [size, mtime_ns] (parts not installed left out)."""
+    found: dict[str, list[int]] = {}
+    for part in model.parts:
+        path = part.locate()
+        if path is not None:
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                found[str(path)] = [stat.st_size, stat.st_mtime_ns]
+    return found
+
+
 def _trusted(model: LocalModel, path: Path) -> bool:
-    """The file was verified before and has not changed since (size and mtime)."""
+    """The file was verified before and has not changed since (size and mtime), nor have the
+    installed parts it was checked against: a part reinstalled or altered since (another
+    environment, a corrupted file) is checked again before the model is used."""
     try:
         mark = json.loads(_marker(path).read_text())
         stat = path.stat()
     except (OSError, ValueError):
         return False
+    recorded = mark.get("parts") or {}
+    installed = _part_files(model)
     return (
         mark.get("sha256") == model.sha256
         and mark.get("size") == stat.st_size == model.size
         and mark.get("mtime_ns") == stat.st_mtime_ns
+        and all(recorded.get(name) == seen for name, seen in installed.items())
     )
 
 
@@ -411,8 +428,9 @@ def ensure_assembled(
     for stale in folder.glob(TEMP_PREFIX + "*"):  # left by a killed assembly: never trusted
         with contextlib.suppress(OSError):
             stale.unlink()
-    if target.is_file() and target.stat().st_size == model.size:
-        # A file without a (matching) marker: trusted only after one full check.
+    if target.is_file() and target.stat().st_size == model.size and not _part_files(model):
+        # A file without a (matching) marker and no parts installed to check against: trusted
+        # only after one full check. With parts installed, they are checked (assembled again).
         digest = hashlib.sha256()
         with target.open("rb") as f:
             while block := f.read(CHUNK):
@@ -469,6 +487,7 @@ def _mark(model: LocalModel, target: Path) -> None:
         "mtime_ns": stat.st_mtime_ns,
         "sha256": model.sha256,
         "verified": time.time(),
+        "parts": _part_files(model),  # the installed parts it was checked against
     }
     _write_atomic(_marker(target), (json.dumps(mark, indent=2) + "\n").encode())
 
