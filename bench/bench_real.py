@@ -36,6 +36,8 @@ from permrank.runs.io import read_requests  # noqa: E402
 
 DATA = Path(os.environ.get("PERMRANK_DATA", ROOT.parent / "shared" / "data"))
 COLLECTIONS = {"dl19": "trec-dl19", "dl20": "trec-dl20"}
+OTHER_COLLECTIONS = {"scifact": "scifact", "cranfield": "cranfield"}
+"""Collections the recipes were not chosen on (``--collections scifact,cranfield``): a check."""
 MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m")
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -101,9 +103,10 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 
 def load_collection(name: str, depth: int, limit: int | None) -> tuple[list[Request], dict]:
-    folder = DATA / COLLECTIONS[name]
+    folder = DATA / {**COLLECTIONS, **OTHER_COLLECTIONS}[name]
     requests = []
-    for request in read_requests(folder / "candidates.jsonl"):
+    source = folder / "candidates.jsonl"
+    for request in read_requests(source if source.exists() else f"{source}.gz"):
         request.candidates = request.candidates[:depth]
         requests.append(request)
     qrels = read_qrels(folder / "qrels.txt")
@@ -148,7 +151,7 @@ def done_rows(path: Path) -> dict[str, dict[str, Any]]:
 def run_one(
     args: argparse.Namespace, server: Any, model: str, method: str, collection: str
 ) -> None:
-    from permrank.core.tokens import ServerTokenizer
+    from permrank.backends.tokenizer import ServerTokenizer
     from permrank.engine.reranker import Reranker
 
     requests, _ = load_collection(collection, args.depth, args.limit)
