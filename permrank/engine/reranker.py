@@ -190,20 +190,20 @@ class Reranker:
             tokenizer = tokenizer or backend.tokenizer()
         elif isinstance(backend, str) and backend != "openai":
             raise ConfigError(f"backend must be 'openai', 'vllm' or a Backend (got {backend!r})")
+        http_options: dict[str, Any] = {
+            "api_key_env": api_key_env,
+            "concurrency": concurrency,
+            "rps": rps,
+            "timeout_s": timeout_s,
+            "max_retries": max_retries,
+            "transport": transport,
+            "max_response_bytes": max_response_bytes,
+        }
         if (backend is None or backend == "openai") and not isinstance(base_url, str | None):
             if len(base_url) > 1:  # several replicas of the model: one pool
                 from permrank.backends.pool import pool_backend
 
-                backend = pool_backend(
-                    base_url,
-                    model or "",
-                    api_key_env=api_key_env,
-                    concurrency=concurrency,
-                    rps=rps,
-                    timeout_s=timeout_s,
-                    max_retries=max_retries,
-                    transport=transport,
-                )
+                backend = pool_backend(base_url, model or "", **http_options)
                 urls = [u if isinstance(u, str) else u[0] for u in base_url]
                 self._to_probe = (urls, model or "", api_key_env, timeout_s)
         if isinstance(base_url, str) or base_url is None:
@@ -214,17 +214,7 @@ class Reranker:
         if backend is None or backend == "openai":
             from permrank.backends.openai import OpenAIBackend
 
-            backend = OpenAIBackend(
-                url,
-                model or "",
-                api_key_env=api_key_env,
-                concurrency=concurrency,
-                rps=rps,
-                timeout_s=timeout_s,
-                max_retries=max_retries,
-                transport=transport,
-                max_response_bytes=max_response_bytes,
-            )
+            backend = OpenAIBackend(url, model or "", **http_options)
             self._to_probe = (url, model or "", api_key_env, timeout_s)
         if cache is not None:
             from permrank.backends.cache import CachingBackend
