@@ -335,6 +335,14 @@ async def drive_strategy(pipeline: Pipeline, request: Request, ask: AskWindow) -
             batch = plan.send([order for order, _ in answers])
     except StopIteration as stop:
         order: list[int] = stop.value
+    return ranking_of(request, order, trace, rounds, started)
+
+
+def ranking_of(
+    request: Request, order: list[int], trace: list[WindowTrace], rounds: int, started: float
+) -> Ranking:
+    """The Ranking of ``request`` in ``order`` (indices into its candidates), with its trace,
+    the usage counted from it, and the seconds since ``started``."""
     return Ranking(
         query=request.query,
         candidates=[request.candidates[i] for i in order],

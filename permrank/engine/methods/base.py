@@ -25,6 +25,7 @@ from permrank.core.types import (
     WindowTrace,
 )
 from permrank.engine.pipeline import Method as Method  # the protocol, defined with the Pipeline
+from permrank.engine.pipeline import ranking_of as ranking_of
 
 if TYPE_CHECKING:
     from permrank.engine.pipeline import Pipeline
@@ -220,21 +221,6 @@ def fill_prompt(prompt: str, pipeline: Pipeline, query: Query, **passages: Candi
 
     cuts = {field: cut(pipeline, c.text, c.title) for field, c in passages.items()}
     return prompt.format(query=as_data(query.text), **cuts)
-
-
-def ranking_of(
-    request: Request, order: list[int], trace: list[WindowTrace], rounds: int, started: float
-) -> Ranking:
-    from permrank.engine.usage import usage_of
-
-    return Ranking(
-        query=request.query,
-        candidates=[request.candidates[i] for i in order],
-        trace=trace,
-        usage=usage_of(trace, rounds),
-        seconds=time.perf_counter() - started,
-        layout=request.layout,
-    )
 
 
 async def rerank_by_scores(scorer: PassageScorer, pipeline: Pipeline, request: Request) -> Ranking:
