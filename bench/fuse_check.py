@@ -16,8 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_real import COLLECTIONS, OTHER_COLLECTIONS, compare, done_rows  # noqa: E402
-from bench_real import load_collection  # noqa: E402
+from bench_real import (  # noqa: E402
+    COLLECTIONS,
+    OTHER_COLLECTIONS,
+    compare,
+    done_rows,
+    load_collection,  # noqa: E402
+)
 from fuse_offline import orders  # noqa: E402
 
 WEIGHTS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
