@@ -87,14 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p,
         limit_help="only the first N queries",
         skip_help="left out and retried by the next run",
+        overwrite_help="start afresh (removes the labels in DIR); by default a run onto a "
+        "folder of labels resumes it, when it was made with the same teacher and options",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh (removes the labels in DIR); by default a run onto a folder of "
-        "labels resumes it, when it was made with the same teacher and options",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     g = p.add_argument_group("pairwise sampling (ranks are the teacher's, 1-based)")
     g.add_argument(
         "--pairs",

@@ -255,9 +255,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--score-batch", type=int, help="score: passages per rerank/score request (32)")
 
 
-def add_run_options(parser: argparse.ArgumentParser, *, limit_help: str, skip_help: str) -> None:
-    """``--limit``, ``--depth`` and ``--on-error`` of a command that reranks a file of queries;
-    ``skip_help`` says what becomes of a failed query with ``--on-error skip``."""
+def add_run_options(
+    parser: argparse.ArgumentParser, *, limit_help: str, skip_help: str, overwrite_help: str
+) -> None:
+    """``--limit``, ``--depth``, ``--on-error``, ``--overwrite`` and ``--quiet`` of a command
+    that reranks a file of queries; ``skip_help`` says what becomes of a failed query with
+    ``--on-error skip``, ``overwrite_help`` what starting afresh removes and what a rerun keeps."""
     parser.add_argument("--limit", type=int, default=None, help=limit_help)
     parser.add_argument(
         "--depth",
@@ -274,6 +277,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, limit_help: str, skip_he
         help="a query that fails after retries stops the run (fail, default) or is "
         f"{skip_help} (skip)",
     )
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
 METHOD_FLAGS = {

@@ -74,14 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p,
         limit_help="rerank only the first N queries",
         skip_help="written in its input order with the reason",
+        overwrite_help="start afresh; by default a run whose output exists resumes it (queries "
+        "already written are kept, failed ones are asked again)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh; by default a run whose output exists resumes it (queries already "
-        "written are kept, failed ones are asked again)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     add_model_options(p)
     scaleout.add_ray_options(p)
     p.set_defaults(func=run_on_endpoint)
