@@ -287,6 +287,36 @@ def probe(
     return info
 
 
+async def aprobe_replicas(
+    base_urls: Sequence[str],
+    model: str | None = None,
+    *,
+    dead_ok: bool = False,
+    **options: Any,
+) -> list[ServerInfo]:
+    """Probe every endpoint of a pool at once (``options`` as ``aprobe`` takes them); refuse
+    replicas that serve different models (the windows of one query may go to different
+    replicas, so they must be the same model). A replica that is down is refused too, unless
+    ``dead_ok``: then the pool goes on without it (it is tried again later) while one answers."""
+    answers = await asyncio.gather(
+        *(aprobe(url, model, **options) for url in base_urls), return_exceptions=True
+    )
+    infos = [a for a in answers if not isinstance(a, BaseException)]
+    failures = [a for a in answers if isinstance(a, BaseException)]
+    if failures and (not dead_ok or not infos):
+        raise failures[0]
+    for failure in failures:
+        log.warning("%s", failure)
+    if len({info.model for info in infos}) > 1:
+        raise EndpointUnavailable(
+            "the endpoints serve different models: "
+            + ", ".join(f"{info.base_url} serves {info.model!r}" for info in infos)
+            + ". Replicas of one run must serve the same model: give the model's name, or "
+            "drop the endpoints that serve another."
+        )
+    return infos
+
+
 def probe_replicas(
     base_urls: Sequence[str],
     model: str | None = None,
@@ -295,28 +325,12 @@ def probe_replicas(
     timeout_s: float = 10.0,
     wait_s: float | None = None,
 ) -> list[ServerInfo]:
-    """Probe every endpoint of a pool at once; refuse one that is down or serves another model
-    (the windows of one query may go to different replicas, so they must be the same model)."""
-
-    async def every() -> list[ServerInfo]:
-        return list(
-            await asyncio.gather(
-                *(
-                    aprobe(url, model, api_key=api_key, timeout_s=timeout_s, wait_s=wait_s)
-                    for url in base_urls
-                )
-            )
+    """``aprobe_replicas`` from sync code (the CLI): every replica must answer."""
+    infos: list[ServerInfo] = run_sync(
+        lambda: aprobe_replicas(
+            base_urls, model, api_key=api_key, timeout_s=timeout_s, wait_s=wait_s
         )
-
-    infos: list[ServerInfo] = run_sync(every)
-    models = {info.model for info in infos}
-    if len(models) > 1:
-        raise EndpointUnavailable(
-            "the endpoints serve different models: "
-            + ", ".join(f"{info.base_url} serves {info.model!r}" for info in infos)
-            + ". Replicas of one run must serve the same model: give --model, or drop the "
-            "endpoints that serve another."
-        )
+    )
     return infos
 
 

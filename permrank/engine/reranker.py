@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from permrank.backends.base import Backend
-from permrank.core.errors import ConfigError, EndpointUnavailable
+from permrank.core.errors import ConfigError
 from permrank.core.prompts import (
     PromptBudget,
     Template,
@@ -261,38 +261,21 @@ class Reranker:
             return
         import os
 
-        from permrank.backends.probe import aprobe
+        from permrank.backends.probe import aprobe_replicas
 
         base_url, model, api_key_env, timeout_s = self._to_probe
         api_key = os.environ.get(api_key_env)
         info = self.server_info
         if info is None:
-            answers = await asyncio.gather(
-                *(
-                    aprobe(
-                        url,
-                        model,
-                        api_key=api_key,
-                        timeout_s=min(timeout_s, 30.0),
-                        hint="start the server, or check the base_url given to Reranker",
-                        strict_model=False,  # an alias the server accepts is not refused here
-                    )
-                    for url in ([base_url] if isinstance(base_url, str) else base_url)
-                ),
-                return_exceptions=True,
+            infos = await aprobe_replicas(
+                [base_url] if isinstance(base_url, str) else base_url,
+                model,
+                dead_ok=True,  # a pool goes on without a dead replica (retried later)
+                api_key=api_key,
+                timeout_s=min(timeout_s, 30.0),
+                hint="start the server, or check the base_url given to Reranker",
+                strict_model=False,  # an alias the server accepts is not refused here
             )
-            infos = [a for a in answers if not isinstance(a, BaseException)]
-            failures = [a for a in answers if isinstance(a, BaseException)]
-            if not infos:  # no endpoint answers: the first one's reason
-                raise failures[0]
-            for failure in failures:  # a pool goes on without a dead replica (retried later)
-                log.warning("%s", failure)
-            if len({i.model for i in infos}) > 1:
-                raise EndpointUnavailable(
-                    "the endpoints serve different models: "
-                    + ", ".join(f"{i.base_url} serves {i.model!r}" for i in infos)
-                    + "; the replicas of one Reranker must serve the same model"
-                )
             info = infos[0]
         self._to_probe = None
         self.server_info = info
