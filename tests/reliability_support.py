@@ -45,6 +45,15 @@ class Recorder:
         return {"recorded": len(self.bodies)}
 
 
+@contextmanager
+def recorded_simulator() -> Iterator[Simulator]:
+    """The fixture simulator with a ``Recorder`` of every completion request, as ``.recorder``."""
+    recorder = Recorder()
+    with simulator(fixture_corpus(), faults=recorder) as running:
+        running.recorder = recorder  # type: ignore[attr-defined]
+        yield running
+
+
 def rerank_argv(
     sim: Simulator,
     input_path: Path | str,

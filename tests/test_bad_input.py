@@ -8,22 +8,18 @@ from pathlib import Path
 
 import pytest
 from reliability_support import (
-    Recorder,
-    fixture_corpus,
     fixture_records,
     read_jsonl,
+    recorded_simulator,
     rerank_argv,
     run_cli,
-    simulator,
     write_jsonl,
 )
 
 
 @pytest.fixture(scope="module")
 def sim():
-    recorder = Recorder()
-    with simulator(fixture_corpus(), faults=recorder) as running:
-        running.recorder = recorder  # type: ignore[attr-defined]
+    with recorded_simulator() as running:
         yield running
 
 

@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 from reliability_support import (
     CANDIDATES,
-    Recorder,
     docids_by_qid,
-    fixture_corpus,
+    recorded_simulator,
     rerank_argv,
     run_cli,
-    simulator,
 )
 
 from permrank.core.types import Usage
@@ -24,9 +22,7 @@ from permrank.runs.store import RunStore, SettingsChanged, differences, flatten
 
 @pytest.fixture(scope="module")
 def sim():
-    recorder = Recorder()
-    with simulator(fixture_corpus(), faults=recorder) as running:
-        running.recorder = recorder  # type: ignore[attr-defined]
+    with recorded_simulator() as running:
         yield running
 
 
