@@ -25,6 +25,7 @@ from permrank.core.types import (
     WindowTrace,
 )
 from permrank.engine.pipeline import Method as Method  # the protocol, defined with the Pipeline
+from permrank.engine.pipeline import all_or_none
 from permrank.engine.pipeline import ranking_of as ranking_of
 
 if TYPE_CHECKING:
@@ -229,8 +230,6 @@ async def rerank_by_scores(scorer: PassageScorer, pipeline: Pipeline, request: R
     started = time.perf_counter()
     n = len(request.candidates)
     m = n if scorer.top_k is None else min(scorer.top_k, n)
-    from permrank.engine.pipeline import all_or_none
-
     results = await all_or_none(
         scorer.score(pipeline, request.query, c) for c in request.candidates[:m]
     )

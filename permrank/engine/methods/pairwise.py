@@ -36,6 +36,7 @@ from permrank.engine.methods.base import (
     ranking_of,
     trace_of,
 )
+from permrank.engine.pipeline import all_or_none
 
 if TYPE_CHECKING:
     from permrank.engine.pipeline import Pipeline
@@ -135,8 +136,6 @@ async def drive_pairs(
         while True:
             new = list(dict.fromkeys(p for p in batch if p not in known and p[::-1] not in known))
             if new:
-                from permrank.engine.pipeline import all_or_none
-
                 answers = await all_or_none(prefer(i, j, rounds) for i, j in new)
                 known.update(zip(new, answers, strict=True))
                 rounds += 1
@@ -242,8 +241,6 @@ class Pairwise:
             asks = [self._ask(pipeline, request, i, j, round_index)]
             if self.both_orders:
                 asks.append(self._ask(pipeline, request, j, i, round_index))
-            from permrank.engine.pipeline import all_or_none
-
             answers = await all_or_none(asks)
             trace.extend(t for _, t in answers)
             if len(answers) == 1:
