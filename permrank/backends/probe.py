@@ -19,12 +19,12 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from permrank.backends.client import HTTPClient, TransportError, run_sync
 from permrank.backends.tokenizer import ServerTokenizer
 from permrank.core.errors import EndpointUnavailable
+from permrank.servers.models import model_file_identity
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,6 @@ class ServerInfo:
 def server_root(base_url: str) -> str:
     base = base_url.rstrip("/")
     return base[: -len("/v1")] if base.endswith("/v1") else base
-
-
-def model_file_identity(path: str | None) -> str | None:
-    """``path``, size and modification time of a local model file (None if not one here)."""
-    if not path:
-        return None
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return None
-    return f"file:{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def is_loopback(url: str) -> bool:

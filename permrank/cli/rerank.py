@@ -235,7 +235,7 @@ def run_store(args: argparse.Namespace) -> RunStore:
 def endpoint_identity(args: argparse.Namespace, resolved: bool) -> str | None:
     """Where answers come from: the endpoint's URL, or the local model file's identity (never
     the embedded server's random port); None when not known before the endpoint is."""
-    from permrank.runs.store import model_file_identity
+    from permrank.servers.models import model_file_identity
 
     if getattr(args, "backend", "openai") == "vllm":
         return f"vllm in this process: {args.model or '(the default model folder)'}"
@@ -247,7 +247,7 @@ def endpoint_identity(args: argparse.Namespace, resolved: bool) -> str | None:
     if args.base_url:
         return str(args.base_url).rstrip("/")
     path = embedded_model_file(args)
-    return model_file_identity(path) if path is not None and path.is_file() else None
+    return model_file_identity(path)
 
 
 def run_fingerprint(args: argparse.Namespace, reranker: Reranker, *, resolved: bool) -> dict:

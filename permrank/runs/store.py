@@ -95,22 +95,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def model_file_identity(path: str | Path, edge: int = 4 << 20) -> str:
-    """A model file's identity without reading gigabytes: its name, size and the SHA-256 of its
-    first and last ``edge`` bytes (where a GGUF keeps its metadata and tensor index)."""
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(edge))
-        if size > 2 * edge:
-            f.seek(size - edge)
-            digest.update(f.read(edge))
-        else:
-            digest.update(f.read())
-    return f"local model file {path.name} ({size} bytes, sha256 {digest.hexdigest()[:16]})"
-
-
 def differences(
     old: Mapping[str, Any], new: Mapping[str, Any], *, only_new_keys: bool = False
 ) -> dict[str, tuple[Any, Any]]:

@@ -315,6 +315,26 @@ def model_path(model: LocalModel) -> Path:
 
 
 # -- assembly ------------------------------------------------------------------------------------
+def model_file_identity(path: str | Path | None, edge: int = 4 << 20) -> str | None:
+    """A model file's identity without reading gigabytes: its name, size and the SHA-256 of its
+    first and last ``edge`` bytes (where a GGUF keeps its metadata and tensor index); None when
+    ``path`` is not a file here. It keys the response cache and fingerprints a run, so neither
+    depends on the random port of the server that runs the model, nor on where the file is."""
+    if not path or not Path(path).is_file():
+        return None
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(edge))
+        if size > 2 * edge:
+            f.seek(size - edge)
+            digest.update(f.read(edge))
+        else:
+            digest.update(f.read())
+    return f"local model file {path.name} ({size} bytes, sha256 {digest.hexdigest()[:16]})"
+
+
 def _marker(path: Path) -> Path:
     return path.with_name(path.name + MARKER_SUFFIX)
 
