@@ -57,11 +57,14 @@ from permrank.core.strategies.common import (
     split_evenly,
     validate_top_n,
 )
-from permrank.core.strategies.tournament import copeland_order
+from permrank.core.strategies.tournament import copeland_order, interleave
 
 MAX_PAIR_CHAINS = 8
 """More chains than this repeat the pivot step instead: their pair round would take too many
 windows (w = 20, k = 10 makes at most 6 chains from 100 candidates)."""
+
+MIN_GUARDED_WINDOW = 4
+"""Smaller windows get no guard: it would take a third or more of each partition window."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class TopDownPartition:
     top_k: int | None = None
     pair_finish: bool = True
     fill_final: bool = True
+    guard: bool = True
     name: str = "tdpart"
 
     def __post_init__(self) -> None:
@@ -87,38 +91,56 @@ class TopDownPartition:
             (ranked,) = yield [head]
             check_answer(head, ranked)
             pivot = ranked[k - 1]
+            guard = ranked[k] if self.guard and w >= MIN_GUARDED_WINDOW else None
+            markers = [pivot] if guard is None else [pivot, guard]
             level = [(place, c) for place, c in enumerate(ranked) if place >= k]
-            windows = [[pivot, *part] for part in split_evenly(others, -(-len(others) // (w - 1)))]
+            size = w - len(markers)
+            windows = [[*markers, *part] for part in split_evenly(others, -(-len(others) // size))]
             answers = yield windows
             above: list[list[int]] = []  # of each window, its best k of those above the pivot
-            near_misses = [pivot]  # beaten, or only just below it: for a final window's room
+            between: list[list[int]] = []  # of each window, those between the pivot and the guard
+            under: list[list[int]] = []  # of each window, the first under the guard (or pivot)
             for window, answer in zip(windows, answers, strict=True):
                 check_answer(window, answer)
-                cut = list(answer).index(pivot)
-                above.append(list(answer[: min(cut, k)]))
+                marked = list(answer)
+                answer = [c for c in marked if c != guard]  # the guard is only a marker
+                cut = answer.index(pivot)
+                above.append(answer[: min(cut, k)])
                 level.extend((place, c) for place, c in enumerate(answer[k:cut], start=k))
                 level.extend((k + place, c) for place, c in enumerate(answer[cut + 1 :]))
-                if cut < k and cut + 1 < len(answer):
-                    near_misses.append(answer[cut + 1])
-            if not any(above):  # nobody beat the pivot: the pivot window's order is final
-                dropped.append(level)
-                return list(ranked[:k]) + rank_dropped(dropped) + rest
-            level.append((k, pivot))  # beaten by k - 1 in its window and by those above it
-            chains = [chain for chain in [list(ranked[: k - 1]), *above] if chain]
-            candidates = [c for chain in chains for c in chain]
-            if self.fill_final and len(candidates) < w:
-                topped = near_misses[: w - len(candidates)]  # distinct: one a window, and the pivot
-                candidates += topped
-                taken = set(topped)
-                level = [(place, c) for place, c in level if c not in taken]
-            dropped.append(level)
-            pair_round = self.pair_finish and 2 * k <= w and len(chains) <= MAX_PAIR_CHAINS
-            if len(candidates) > w and pair_round:
-                pairs = cover_pairs(chains, w)
-                answers = yield pairs
-                for window, answer in zip(pairs, answers, strict=True):
-                    check_answer(window, answer)
-                return copeland_order(candidates, answers) + rank_dropped(dropped) + rest
+                if cut < k:
+                    low = marked.index(pivot)
+                    if guard is not None:
+                        high, low = low, max(low, marked.index(guard))
+                        between.append(marked[high + 1 : low])
+                    under.append(marked[low + 1 : low + 2])
+            # near misses, for a final window's room: those between the pivot and the guard, the
+            # pivot (beaten), then the first under the guard (or the pivot) of each window
+            near_misses = [*interleave(between), pivot, *interleave(under)]
+            if not any(above):  # nobody beat the pivot: the pivot window's order is final...
+                lone = any(len(caught) == 1 for caught in between)
+                if not (self.fill_final and lone):
+                    dropped.append(level)
+                    return list(ranked[:k]) + rank_dropped(dropped) + rest
+                # ...unless a passage stands alone between the pivot and the guard: the mark of
+                # one adjacent swap across the pivot. A final window then asks again.
+                candidates = list(dict.fromkeys([*ranked[:k], *near_misses]))[:w]
+            else:
+                level.append((k, pivot))  # beaten by k - 1 in its window and by those above it
+                chains = [chain for chain in [list(ranked[: k - 1]), *above] if chain]
+                candidates = [c for chain in chains for c in chain]
+                if self.fill_final and len(candidates) < w:
+                    candidates += near_misses[: w - len(candidates)]  # all distinct
+                pair_round = self.pair_finish and 2 * k <= w and len(chains) <= MAX_PAIR_CHAINS
+                if len(candidates) > w and pair_round:
+                    dropped.append(level)
+                    pairs = cover_pairs(chains, w)
+                    answers = yield pairs
+                    for window, answer in zip(pairs, answers, strict=True):
+                        check_answer(window, answer)
+                    return copeland_order(candidates, answers) + rank_dropped(dropped) + rest
+            taken = set(candidates)
+            dropped.append([(place, c) for place, c in level if c not in taken])
         if len(candidates) > 1:
             (final,) = yield [candidates]
             check_answer(candidates, final)
