@@ -23,24 +23,25 @@ With ``window_size`` w and ``top_n`` k (< w), over the first ``top_k`` (m) candi
 **Near misses** (``fill_final``, on by default). A final window shorter than w is topped up,
 at no cost in rounds or windows, with the candidates that only just missed: those placed
 between the pivot and the guard (the first of each window, then the second...), the beaten
-pivot, then the first passage placed below the guard (below the pivot, without a guard) in
-each partition window. A perfect judge needs none of them. A noisy judge that swaps adjacent
-passages loses a true top-k passage exactly there, because the pivot stands near the k-th place
-by design, and a swap can cascade: a passage that slips past the pivot may slip past the next
-one too. The guard tells the two apart from the passages that belong below the pivot: a passage
-between pivot and guard is either a slip or as good as they are, and the passage right below
-the guard catches a two-place slip. When nobody beat the pivot but one partition window holds
-exactly one passage between pivot and guard (the mark of one adjacent swap across the pivot,
-where a block of them is more likely their true place), a final window asks the pivot window's
-best k again with the near misses: in the third round that other queries take anyway.
+pivot, then the first passage placed below the guard in each partition window where the guard
+follows the pivot directly (below the pivot in each window, without a guard). A perfect judge
+needs none of them. A noisy judge that swaps adjacent passages loses a true top-k passage
+exactly there, because the pivot stands near the k-th place by design, and a swap can cascade:
+a passage that slips past the pivot may slip past the next one too. The guard tells the slips
+apart from the passages that belong below the pivot: a passage between pivot and guard is
+either a slip or as good as they are, and where nothing stands between them the passage right
+below the guard catches a two-place slip. When nobody beat the pivot but one partition window
+holds exactly one passage between pivot and guard (the mark of one adjacent swap across the
+pivot, where a block of them is more likely their true place), a final window asks the pivot
+window's best k again with the near misses: in the third round that other queries take anyway.
 
 Measured with ``bench/bench_tdpart_noise.py`` (in process, BM25 top-100, the simulator's judge
 with random adjacent swaps, mean of 30 noise seeds; sliding: 9 rounds, 198 passage slots a
-query counting 2 for each window's instruction): with swaps p = 0.3, tdpart is 0.0021 (DL19)
-and 0.0032 (DL20) below the sliding window's nDCG@10 in 2.94 rounds, for 0.78x and 0.75x its
+query counting 2 for each window's instruction): with swaps p = 0.3, tdpart is 0.0020 (DL19)
+and 0.0026 (DL20) below the sliding window's nDCG@10 in 2.94 rounds, for 0.78x and 0.75x its
 passages and 0.79x and 0.75x its real prompt tokens (rankgpt prompts); without the guard
 (``guard=False``, the former default) it was 0.0067 and 0.0074 below in 2.96 rounds, for 0.76x
-and 0.73x the passages. With p = 0.1: 0.0002 and 0.0004 below (0.0010 and 0.0016 without
+and 0.73x the passages. With p = 0.1: 0.0001 and 0.0005 below (0.0010 and 0.0016 without
 the guard). The guard costs one passage a partition window (5 for the top-10 of 100).
 
 Dropped candidates follow the candidates: those dropped later first, and within a round those
@@ -133,9 +134,11 @@ class TopDownPartition:
                     if guard is not None:
                         high, low = low, max(low, marked.index(guard))
                         between.append(marked[high + 1 : low])
-                    under.append(marked[low + 1 : low + 2])
+                    if guard is None or not between[-1]:  # a slip past both shows right below
+                        under.append(marked[low + 1 : low + 2])
             # near misses, for a final window's room: those between the pivot and the guard, the
-            # pivot (beaten), then the first under the guard (or the pivot) of each window
+            # pivot (beaten), then the first under the guard (or the pivot) of each window where
+            # nothing stands between them
             near_misses = [*interleave(between), pivot, *interleave(under)]
             if not any(above):  # nobody beat the pivot: the pivot window's order is final...
                 lone = any(len(caught) == 1 for caught in between)
