@@ -56,6 +56,7 @@ VARIANTS = [
     ("tdpart", {}),
     ("tdpart", {"pair_finish": False}),
     ("tdpart", {"fill_final": False}),
+    ("tdpart", {"guard": False}),
 ]
 SIZES = [1, 2, 3, 7, 19, 20, 21, 40, 41, 57, 100, 133]
 SHAPES = [(2, 1), (3, 1), (5, 2), (8, 3), (10, 5), (10, 7), (20, 10), (20, 5), (20, 15), (7, 6)]
@@ -191,6 +192,124 @@ def test_tdpart_final_window_takes_back_a_passage_that_slipped_below_the_pivot()
     order, plain_rounds, plain_asked = drive(plain, 100, slips_below_the_pivot(rank, 55))
     assert 55 not in order[:10]  # without the near misses it is lost
     assert plain_rounds == rounds and len(plain_asked) == len(asked)  # same windows, same rounds
+
+
+def sinks(true_rank: Sequence[float], sinking: int, places: int, pivot: int = 9) -> Judge:
+    """A perfect judge, except that in a window led by ``pivot`` (a partition window)
+    ``sinking`` is answered ``places`` places below where it belongs: the cascade of adjacent
+    swaps a noisy model makes."""
+    perfect = perfect_judge(true_rank)
+
+    def judge(window: list[int]) -> Sequence[int]:
+        answer = list(perfect(window))
+        if window[0] == pivot and sinking in answer:
+            place = answer.index(sinking)
+            answer.insert(min(place + places, len(answer) - 1), answer.pop(place))
+        return answer
+
+    return judge
+
+
+def true_top_10(*extra: int) -> list[float]:
+    """True ranks over 100: the first stage's 0-7, then ``extra``, then 8, 9, 10, ... (so the
+    pivot window's 10th is the first stage's 8 or 9, and 10 or 11 comes right after it)."""
+    rank = [100.0 + c for c in range(100)]
+    for place, c in enumerate([*range(8), *extra, *(c for c in range(8, 20) if c not in extra)]):
+        rank[c] = float(place)
+    return rank
+
+
+def test_tdpart_asks_again_when_the_only_passage_past_the_pivot_slipped_one_place():
+    # True top 10: 0-8 and 55. 55 is asked in a partition window and slips one place: below
+    # the pivot (9), above the guard (10). Nobody else beats the pivot.
+    rank = true_top_10(8, 55)
+    best = sorted(range(100), key=lambda c: rank[c])[:10]
+    order, rounds, asked = drive(get_strategy("tdpart"), 100, sinks(rank, 55, 1))
+    assert all(window[:2] == [9, 10] for window in asked[1:6])  # the pivot, then the guard
+    assert sorted(order[:10]) == sorted(best)
+    assert rounds == 3 and len(asked[-1]) <= 20
+    plain = get_strategy("tdpart", guard=False)
+    order, plain_rounds, _ = drive(plain, 100, sinks(rank, 55, 1))
+    assert 55 not in order[:10] and plain_rounds == 2  # nothing marked it: the pivot window won
+
+
+def test_tdpart_final_window_takes_back_a_passage_that_slipped_past_pivot_and_guard():
+    # True top 10: 0-7, 30 and 55 (in two partition windows); 30 beats the pivot, 55 sinks
+    # two places: below the pivot and below the guard.
+    rank = true_top_10(30, 55)
+    best = sorted(range(100), key=lambda c: rank[c])[:10]
+    order, rounds, asked = drive(get_strategy("tdpart"), 100, sinks(rank, 55, 2))
+    assert sorted(order[:10]) == sorted(best)
+    assert rounds == 3 and all(len(window) <= 20 for window in asked)
+    order, _, _ = drive(get_strategy("tdpart", guard=False), 100, sinks(rank, 55, 2))
+    assert 55 not in order[:10]  # without the guard only the passage right below the pivot
+
+
+def test_tdpart_needs_no_final_window_when_nothing_stands_between_pivot_and_guard():
+    # Many passages between the pivot and the guard are their true place, not one slip.
+    rank = true_top_10()
+    for c in (30, 31, 55):
+        rank[c] = 9.5  # between the pivot (9) and the guard (10), tied
+    order, rounds, _ = drive(get_strategy("tdpart"), 100, perfect_judge(rank))
+    assert rounds == 3 and order[:10] == list(range(10))  # one stands alone in its window
+    for c in (55, 56, 57):
+        rank[c] = 9.5  # now no window holds just one
+    order, rounds, _ = drive(get_strategy("tdpart"), 100, perfect_judge(rank))
+    assert rounds == 2 and order[:10] == list(range(10))
+
+
+def noisy_judge(grades: Sequence[int], noise) -> Judge:
+    from permrank.sim.noise import judge_order
+
+    def judge(window: list[int]) -> Sequence[int]:
+        answer = judge_order([grades[c] for c in window], noise, ",".join(map(str, window)))
+        return [window[place] for place in answer]
+
+    return judge
+
+
+def test_tdpart_under_heavy_swap_noise_stays_near_sliding_in_3_rounds_for_fewer_passages():
+    """Adjacent-swap noise 0.3 over the DL19 fixture (5 queries of 100), 100 noise seeds: the
+    guarded tdpart keeps within 0.005 nDCG@10 of the sliding window, beats tdpart without the
+    guard, takes 3 rounds at most and shows at most 0.8x the sliding window's passages."""
+    from pathlib import Path
+
+    from permrank.runs.evaluate import per_query, read_qrels
+    from permrank.runs.io import read_requests
+    from permrank.sim.noise import Noise
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "dl19-5q"
+    qrels = read_qrels(fixtures / "qrels.txt")
+    queries = {
+        r.query.qid: [c.docid for c in r.candidates[:100]]
+        for r in read_requests(fixtures / "candidates.jsonl")
+    }
+    strategies = {
+        "sliding": get_strategy("sliding", window_size=20, step=10),
+        "tdpart": get_strategy("tdpart"),
+        "unguarded": get_strategy("tdpart", guard=False),
+    }
+    ndcg = dict.fromkeys(strategies, 0.0)
+    shown = dict.fromkeys(strategies, 0)
+    most_rounds = dict.fromkeys(strategies, 0)
+    seeds = range(100)
+    for seed in seeds:
+        for label, strategy in strategies.items():
+            runs = {}
+            for qid, docids in queries.items():
+                grades = [qrels[qid].get(d, 0) for d in docids]
+                order, rounds, asked = drive(
+                    strategy, len(docids), noisy_judge(grades, Noise(swap=0.3, seed=seed))
+                )
+                runs[qid] = {docids[c]: float(len(order) - place) for place, c in enumerate(order)}
+                shown[label] += sum(len(window) for window in asked)
+                most_rounds[label] = max(most_rounds[label], rounds)
+            scores = per_query(runs, qrels, "nDCG@10")
+            ndcg[label] += sum(scores.values()) / len(scores) / len(seeds)
+    assert ndcg["tdpart"] >= ndcg["sliding"] - 0.005
+    assert ndcg["tdpart"] > ndcg["unguarded"]
+    assert most_rounds["tdpart"] == 3 and most_rounds["sliding"] == 9
+    assert shown["tdpart"] <= 0.8 * shown["sliding"]
 
 
 @pytest.mark.parametrize("name", GUARANTEED)
