@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from permrank.core.types import Request, Usage  # noqa: E402
 from permrank.runs.evaluate import per_query, read_qrels  # noqa: E402
 from permrank.runs.io import read_requests  # noqa: E402
+from permrank.servers.models import QWEN_05B_WEIGHT as RECIPE_WEIGHT  # noqa: E402
 
 DATA = Path(os.environ.get("PERMRANK_DATA", ROOT.parent / "shared" / "data"))
 COLLECTIONS = {"dl19": "trec-dl19", "dl20": "trec-dl20"}
@@ -48,6 +49,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "likelihood-chat": {
         "method": "likelihood",
         "method_options": {"mode": "forced", "prompt": "chat-upr"},
+    },
+    "likelihood-chat-query": {
+        "method": "likelihood",
+        "method_options": {
+            "mode": "forced",
+            "prompt": "<|im_start|>user\nPassage: {passage}\nWrite a search query that this "
+            "passage is relevant to.<|im_end|>\n<|im_start|>assistant\nQuery:",
+        },
     },
     "first": {"method": "first"},
     "pairwise": {"method": "pairwise"},
@@ -198,6 +207,7 @@ def run_one(
                 "repairs": usage.repairs,
                 "seconds": time.perf_counter() - started,
                 "error": ranking.error,
+                "max_passage_tokens": args.max_passage_tokens,
             }
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -207,11 +217,35 @@ def run_one(
             )
 
 
+def passage_cut(rows: dict[str, dict[str, Any]]) -> str:
+    """The passage cut (tokens) the rows were run with ("?" for rows written before it was kept)."""
+    cuts = sorted({str(row.get("max_passage_tokens", "?")) for row in rows.values()})
+    return "/".join(cuts)
+
+
+def fused_orders(rows: dict[str, dict[str, Any]], weight: float) -> dict[str, list[str]]:
+    """Each query ordered by its per-passage scores fused with BM25's (the recipes' fusion)."""
+    from permrank.core.types import Candidate
+    from permrank.engine.methods.likelihood import fuse
+
+    out = {}
+    for qid, row in rows.items():
+        docids = row["input"]
+        if any(d not in row["scores"] for d in docids):
+            continue  # scored only in part (an error): left out
+        cands = [
+            Candidate(docid=d, text="", score=s) for d, s in zip(docids, row["bm25"], strict=True)
+        ]
+        fused = fuse([row["scores"][d] for d in docids], cands, weight)
+        out[qid] = [docids[i] for i in sorted(range(len(docids)), key=lambda i: (-fused[i], i))]
+    return out
+
+
 def table(args: argparse.Namespace) -> str:
     lines = [
-        "| model | method | collection | queries | nDCG@10 | BM25 | delta | wins/losses | p "
-        "| calls/q | tokens/q | s/q |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | cut | collection | queries | nDCG@10 | BM25 | delta | wins/losses "
+        "| p | calls/q | tokens/q | s/q |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for collection in COLLECTIONS:
         requests, qrels = load_collection(collection, args.depth, None)
@@ -230,12 +264,23 @@ def table(args: argparse.Namespace) -> str:
                 )
                 secs = sum(row["seconds"] for row in rows.values()) / n
                 partial = "" if n == len(base) else f" (partial, of {len(base)})"
+                cut = passage_cut(rows)
+                cost = f"{calls:.0f} | {tokens:.0f} | {secs:.1f}"
                 lines.append(
-                    f"| {model_dir.name} | {method_dir.name} | {collection} | {n}{partial} | "
-                    f"{r['ndcg']:.4f} | {r['bm25']:.4f} | {r['ndcg'] - r['bm25']:+.4f} | "
-                    f"{r['wins']}/{r['losses']} | {r['p']:.3g} | {calls:.0f} | {tokens:.0f} | "
-                    f"{secs:.1f} |"
+                    f"| {model_dir.name} | {method_dir.name} | {cut} | {collection} | "
+                    f"{n}{partial} | {r['ndcg']:.4f} | {r['bm25']:.4f} | "
+                    f"{r['ndcg'] - r['bm25']:+.4f} | {r['wins']}/{r['losses']} | {r['p']:.3g} | "
+                    f"{cost} |"
                 )
+                if args.fuse is not None and any(row["scores"] for row in rows.values()):
+                    fused = fused_orders(rows, args.fuse)
+                    f = compare(fused, base, qrels)
+                    lines.append(
+                        f"| {model_dir.name} | {method_dir.name} + BM25 (w={args.fuse}) | {cut} | "
+                        f"{collection} | {f['queries']}{partial} | {f['ndcg']:.4f} | "
+                        f"{f['bm25']:.4f} | {f['ndcg'] - f['bm25']:+.4f} | "
+                        f"{f['wins']}/{f['losses']} | {f['p']:.3g} | {cost} |"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +297,16 @@ def main() -> int:
     p.add_argument("--ctx", type=int, default=4096, help="context per slot (4096)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument(
+        "--fuse",
+        type=float,
+        default=RECIPE_WEIGHT,
+        help="also list each scoring method fused with BM25 at this weight, as the recipes do "
+        f"(default {RECIPE_WEIGHT}, the default model's; a negative value: no fused rows)",
+    )
     args = p.parse_args()
+    if args.fuse is not None and args.fuse < 0:
+        args.fuse = None
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         from permrank.servers.llamacpp import LlamaServer
