@@ -223,8 +223,11 @@ def passage_cut(rows: dict[str, dict[str, Any]]) -> str:
     return "/".join(cuts)
 
 
-def fused_orders(rows: dict[str, dict[str, Any]], weight: float) -> dict[str, list[str]]:
-    """Each query ordered by its per-passage scores fused with BM25's (the recipes' fusion)."""
+def fused_orders(
+    rows: dict[str, dict[str, Any]], weight: float | None, ranks: bool = False
+) -> dict[str, list[str]]:
+    """Each query ordered by its per-passage scores fused with the first stage's, as the recipes
+    fuse (BM25's scores; its ranks with ``ranks``); queries scored only in part are left out."""
     from permrank.core.types import Candidate
     from permrank.engine.methods.likelihood import fuse
 
@@ -234,7 +237,8 @@ def fused_orders(rows: dict[str, dict[str, Any]], weight: float) -> dict[str, li
         if any(d not in row["scores"] for d in docids):
             continue  # scored only in part (an error): left out
         cands = [
-            Candidate(docid=d, text="", score=s) for d, s in zip(docids, row["bm25"], strict=True)
+            Candidate(docid=d, text="", score=None if ranks else s)
+            for d, s in zip(docids, row["bm25"], strict=True)
         ]
         fused = fuse([row["scores"][d] for d in docids], cands, weight)
         out[qid] = [docids[i] for i in sorted(range(len(docids)), key=lambda i: (-fused[i], i))]

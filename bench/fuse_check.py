@@ -21,9 +21,9 @@ from bench_real import (  # noqa: E402
     OTHER_COLLECTIONS,
     compare,
     done_rows,
-    load_collection,  # noqa: E402
+    fused_orders,
+    load_collection,
 )
-from fuse_offline import orders  # noqa: E402
 
 WEIGHTS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -44,7 +44,7 @@ def main() -> int:
         base = {r.query.qid: [c.docid for c in r.candidates] for r in requests}
         cells, bm25, n = [], 0.0, 0
         for weight in WEIGHTS:
-            r = compare(orders(rows, weight, False), base, qrels)
+            r = compare(fused_orders(rows, weight), base, qrels)
             bm25, n = r["bm25"], r["queries"]
             cells.append(f"{r['ndcg']:.4f} ({r['wins']}/{r['losses']})")
         print(f"| {collection} ({n}) | {bm25:.4f} | " + " | ".join(cells) + " |")

@@ -19,28 +19,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_real import COLLECTIONS, compare, done_rows, load_collection  # noqa: E402
-
-from permrank.core.types import Candidate  # noqa: E402
-from permrank.engine.methods.likelihood import fuse  # noqa: E402
+from bench_real import (  # noqa: E402
+    COLLECTIONS,
+    compare,
+    done_rows,
+    fused_orders,
+    load_collection,
+)
 
 WEIGHTS = [round(0.05 * i, 2) for i in range(21)]
 
 
-def orders(rows: dict, weight: float | None, ranks: bool) -> dict[str, list[str]]:
-    out = {}
-    for qid, row in rows.items():
-        docids = row["input"]
-        if any(d not in row["scores"] for d in docids):
-            continue  # a query scored only in part (an error): left out
-        cands = [
-            Candidate(docid=d, text="", score=None if ranks else s)
-            for d, s in zip(docids, row["bm25"], strict=True)
-        ]
-        fused = fuse([row["scores"][d] for d in docids], cands, weight)
-        order = sorted(range(len(docids)), key=lambda i: (-fused[i], i))
-        out[qid] = [docids[i] for i in order]
-    return out
+def report(collection: str, role: str, r: dict) -> None:
+    print(
+        f"{collection} ({role}, {r['queries']} queries): nDCG@10 {r['ndcg']:.4f} vs BM25 "
+        f"{r['bm25']:.4f} ({r['ndcg'] - r['bm25']:+.4f}), {r['wins']} better / "
+        f"{r['losses']} worse, paired t-test p = {r['p']:.3g}"
+    )
 
 
 def combined(rows_by_method: dict, weights: tuple[float, ...], ranks: bool) -> dict:
@@ -112,12 +107,7 @@ def main_combine(args: argparse.Namespace) -> int:
         if not orders_:
             continue
         r = compare(orders_, base, qrels)
-        role = "picked on" if collection == args.pick else "tested on"
-        print(
-            f"{collection} ({role}, {r['queries']} queries): nDCG@10 {r['ndcg']:.4f} vs BM25 "
-            f"{r['bm25']:.4f} ({r['ndcg'] - r['bm25']:+.4f}), {r['wins']} better / "
-            f"{r['losses']} worse, paired t-test p = {r['p']:.3g}"
-        )
+        report(collection, "picked on" if collection == args.pick else "tested on", r)
     return 0
 
 
@@ -156,7 +146,7 @@ def main() -> int:
             if not rows:
                 cells.append("-")
                 continue
-            r = compare(orders(rows, w, args.ranks), base, qrels)
+            r = compare(fused_orders(rows, w, args.ranks), base, qrels)
             cells.append(f"{r['ndcg']:.4f} ({r['queries']})")
             if collection == args.pick and (best is None or r["ndcg"] > best[1] + 1e-12):
                 best = (w if w is not None else 1.0, r["ndcg"])
@@ -170,13 +160,8 @@ def main() -> int:
         rows, base, qrels = data[collection]
         if not rows:
             continue
-        r = compare(orders(rows, w, args.ranks), base, qrels)
-        role = "picked on" if collection == args.pick else "tested on"
-        print(
-            f"{collection} ({role}, {r['queries']} queries): nDCG@10 {r['ndcg']:.4f} vs BM25 "
-            f"{r['bm25']:.4f} ({r['ndcg'] - r['bm25']:+.4f}), {r['wins']} better / "
-            f"{r['losses']} worse, paired t-test p = {r['p']:.3g}"
-        )
+        r = compare(fused_orders(rows, w, args.ranks), base, qrels)
+        report(collection, "picked on" if collection == args.pick else "tested on", r)
     return 0
 
 
