@@ -55,6 +55,21 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
+def wal_mode(db: sqlite3.Connection) -> None:
+    """Switch ``db`` to WAL. SQLite answers "database is locked" at once, without the busy
+    timeout, when another process is switching or opening the same file: wait and try again
+    (up to ``BUSY_TIMEOUT_S``), as the busy timeout would."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def default_cache_path() -> Path:
     """Where the CLI keeps its cache unless told otherwise (``--cache PATH``)."""
     folder = os.environ.get("PERMRANK_CACHE_DIR")
@@ -137,7 +152,7 @@ class ResponseCache:
                     check_same_thread=False,
                 )
                 db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-                db.execute("PRAGMA journal_mode = WAL")
+                wal_mode(db)
                 db.execute("PRAGMA synchronous = NORMAL")
                 db.execute(SCHEMA)
             except (OSError, sqlite3.Error) as exc:
