@@ -131,13 +131,16 @@ def test_the_cache_never_blocks_the_event_loop(raw: Any, tmp_path: Path) -> None
     loop_threads: set[int] = set()
     import threading
 
-    original = cache.get
+    def on_thread(work: Any) -> Any:
+        def recorded(*args: Any) -> Any:
+            loop_threads.add(threading.get_ident())
+            return work(*args)
 
-    def get(key: str) -> Any:
-        loop_threads.add(threading.get_ident())
-        return original(key)
+        return recorded
 
-    cache.get = get  # type: ignore[method-assign]
+    # The lookup and the commit of the answer both run on the cache's thread.
+    cache._get = on_thread(cache._get)  # type: ignore[method-assign]
+    cache.put = on_thread(cache.put)  # type: ignore[method-assign]
 
     async def go() -> int:
         try:
@@ -146,7 +149,8 @@ def test_the_cache_never_blocks_the_event_loop(raw: Any, tmp_path: Path) -> None
         finally:
             await backend.aclose()
 
-    assert asyncio.run(go()) not in loop_threads and loop_threads
+    assert asyncio.run(go()) not in loop_threads and len(loop_threads) == 1
+    assert len(cache) == 1
 
 
 def test_an_embedded_model_is_found_in_the_cache_on_another_port(raw: Any, tmp_path: Path) -> None:

@@ -218,6 +218,8 @@ def test_ctrl_c_ends_cleanly_counts_what_was_spent_and_resumes(tmp_path, capsys)
         # Every answer that arrived is counted, finished queries or not (at most the requests
         # in flight when it stopped are not).
         assert answered - 2 <= spent["calls"] <= answered
+        # ... and every answer counted was kept: the interrupted run committed them all.
+        assert cached_answers(tmp_path / "c.sqlite") == spent["calls"]
         assert spent["prompt_tokens"] > 0 and spent["completion_tokens"] > 0
         written = len(read_jsonl(output))
 

@@ -13,8 +13,10 @@ An embedded or loopback llama.cpp server is keyed by its model file (``identity`
 modification time), not by its random port, so the next run finds its answers again.
 
 The file is in WAL mode with a busy timeout, so processes sharing it read while another writes
-and wait for each other's writes instead of failing. Each answer is committed as soon as it
-arrives, so a process killed at any moment loses at most the answers still in flight.
+and wait for each other's writes instead of failing. Each answer's commit is queued on the cache's
+thread as soon as it arrives (the caller counts it and goes on without waiting; closing the cache,
+as an interrupted run does, waits for queued commits), so a process killed at any moment loses at
+most the answers in flight or just arrived.
 
 Default location: ``$PERMRANK_CACHE_DIR/cache.sqlite``, else
 ``$XDG_CACHE_HOME/permrank/cache.sqlite``, else ``~/.cache/permrank/cache.sqlite``.
@@ -31,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,18 +130,41 @@ class ResponseCache:
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._thread: ThreadPoolExecutor | None = None
+        self._pending: set[Future[None]] = set()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="permrank-cache")
+        return self._thread
 
     async def _off_loop(self, work: Callable[[], T]) -> T:
         """``work()`` on the cache's own thread: SQLite never blocks the event loop."""
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="permrank-cache")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        return await asyncio.get_running_loop().run_in_executor(self._executor(), work)
 
     async def aget(self, key: str) -> Completion | None:
-        return await self._off_loop(lambda: self.get(key))
+        # On the cache's one thread, after every commit queued before it (``put_soon``).
+        return await self._off_loop(lambda: self._get(key))
 
-    async def aput(self, key: str, model: str, completion: Completion) -> None:
-        await self._off_loop(lambda: self.put(key, model, completion))
+    def put_soon(self, key: str, model: str, completion: Completion) -> None:
+        """Queue the answer's commit on the cache's thread and return at once.
+
+        The caller goes on without a pause in which it could be interrupted, so an answer that
+        arrived is always counted, and its commit still happens: ``close`` (an interrupted run
+        closes its cache too) waits for every queued commit. A commit that fails is a warning;
+        the answer itself is not lost to the run."""
+        future = self._executor().submit(self.put, key, model, completion)
+        self._pending.add(future)
+        future.add_done_callback(self._committed)
+
+    def _committed(self, future: Future[None]) -> None:
+        self._pending.discard(future)
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            log.warning("an answer was not kept in the cache %s: %s", self.path, error)
+
+    def flush(self) -> None:
+        """Wait until every commit queued by ``put_soon`` is done."""
+        wait(list(self._pending))
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
@@ -164,6 +189,10 @@ class ResponseCache:
         return self._db
 
     def get(self, key: str) -> Completion | None:
+        self.flush()
+        return self._get(key)
+
+    def _get(self, key: str) -> Completion | None:
         with self._lock:
             row = (
                 self._connect()
@@ -204,6 +233,7 @@ class ResponseCache:
         )
 
     def __len__(self) -> int:
+        self.flush()
         with self._lock:
             return int(self._connect().execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
@@ -293,7 +323,7 @@ class CachingBackend:
                 messages, max_tokens=max_tokens, temperature=temperature, seed=seed, extra=extra
             )
             self.misses += 1
-            await self.cache.aput(key, self.model, completion)
+            self.cache.put_soon(key, self.model, completion)
             return completion
 
         completion, shared = await self._single_flight(key, ask)
@@ -329,7 +359,7 @@ class CachingBackend:
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
             )
-            await self.cache.aput(key, self.model, kept)
+            self.cache.put_soon(key, self.model, kept)
             return done
 
         done, shared = await self._single_flight(key, ask)
