@@ -224,10 +224,15 @@ def passage_cut(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def fused_orders(
-    rows: dict[str, dict[str, Any]], weight: float | None, ranks: bool = False
+    rows: dict[str, dict[str, Any]],
+    weight: float | None,
+    ranks: bool = False,
+    top_k: int | None = None,
 ) -> dict[str, list[str]]:
     """Each query ordered by its per-passage scores fused with the first stage's, as the recipes
-    fuse (BM25's scores; its ranks with ``ranks``); queries scored only in part are left out."""
+    fuse (BM25's scores; its ranks with ``ranks``); queries scored only in part are left out.
+    ``top_k``: only the first stage's first k are reordered (as the methods' ``top_k`` does, the
+    rest follow in input order), to see what scoring fewer passages would cost."""
     from permrank.core.types import Candidate
     from permrank.engine.methods.likelihood import fuse
 
@@ -236,12 +241,14 @@ def fused_orders(
         docids = row["input"]
         if any(d not in row["scores"] for d in docids):
             continue  # scored only in part (an error): left out
+        k = len(docids) if top_k is None else min(top_k, len(docids))
         cands = [
             Candidate(docid=d, text="", score=None if ranks else s)
-            for d, s in zip(docids, row["bm25"], strict=True)
+            for d, s in zip(docids[:k], row["bm25"][:k], strict=True)
         ]
-        fused = fuse([row["scores"][d] for d in docids], cands, weight)
-        out[qid] = [docids[i] for i in sorted(range(len(docids)), key=lambda i: (-fused[i], i))]
+        fused = fuse([row["scores"][d] for d in docids[:k]], cands, weight)
+        order = sorted(range(k), key=lambda i: (-fused[i], i))
+        out[qid] = [docids[i] for i in order] + docids[k:]
     return out
 
 

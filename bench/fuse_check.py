@@ -25,7 +25,7 @@ from bench_real import (  # noqa: E402
     load_collection,
 )
 
-WEIGHTS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+WEIGHTS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 1.0)
 
 
 def main() -> int:

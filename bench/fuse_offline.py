@@ -7,6 +7,7 @@ the code the methods run). The weight is chosen on one collection (``--pick``) a
 the other, never on the same; both with per-query wins/losses against BM25 and a paired t-test.
 
     PYTHONPATH=. python bench/fuse_offline.py --model qwen2.5-coder-0.5b --method likelihood
+    PYTHONPATH=. python bench/fuse_offline.py --combine likelihood-chat,smollm2-135m:likelihood
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def simplex(parts: int, step: float = 0.1) -> list[tuple[float, ...]]:
     return out
 
 
+def signal_path(args: argparse.Namespace, signal: str, collection: str) -> Path:
+    """The rows of ``METHOD`` (of ``--model``) or of ``MODEL:METHOD`` (another model's)."""
+    model, _, method = signal.rpartition(":")
+    return args.out / (model or args.model) / method / f"{collection}.jsonl"
+
+
 def main_combine(args: argparse.Namespace) -> int:
     methods = args.combine.split(",")
     other = next(c for c in COLLECTIONS if c != args.pick)
@@ -87,7 +94,7 @@ def main_combine(args: argparse.Namespace) -> int:
     for collection in COLLECTIONS:
         requests, qrels = load_collection(collection, 20, None)
         base = {r.query.qid: [c.docid for c in r.candidates] for r in requests}
-        rows = {m: done_rows(args.out / args.model / m / f"{collection}.jsonl") for m in methods}
+        rows = {m: done_rows(signal_path(args, m, collection)) for m in methods}
         data[collection] = (rows, base, qrels)
     best = None
     for weights in simplex(len(methods) + 1):
@@ -117,12 +124,18 @@ def main() -> int:
     p.add_argument("--method", default="likelihood")
     p.add_argument("--pick", default="dl20", choices=list(COLLECTIONS))
     p.add_argument("--ranks", action="store_true", help="first stage from ranks, not scores")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="reorder only the first stage's first K (what scoring fewer passages would cost)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real")
     p.add_argument(
         "--combine",
         default=None,
-        help="methods to fuse together with the first stage (comma-separated); weights on a "
-        "0.1 grid of the simplex, picked on --pick",
+        help="methods to fuse together with the first stage (comma-separated; MODEL:METHOD "
+        "for another model's); weights on a 0.1 grid of the simplex, picked on --pick",
     )
     args = p.parse_args()
     if args.combine:
@@ -146,7 +159,7 @@ def main() -> int:
             if not rows:
                 cells.append("-")
                 continue
-            r = compare(fused_orders(rows, w, args.ranks), base, qrels)
+            r = compare(fused_orders(rows, w, args.ranks, args.top_k), base, qrels)
             cells.append(f"{r['ndcg']:.4f} ({r['queries']})")
             if collection == args.pick and (best is None or r["ndcg"] > best[1] + 1e-12):
                 best = (w if w is not None else 1.0, r["ndcg"])
@@ -160,7 +173,7 @@ def main() -> int:
         rows, base, qrels = data[collection]
         if not rows:
             continue
-        r = compare(fused_orders(rows, w, args.ranks), base, qrels)
+        r = compare(fused_orders(rows, w, args.ranks, args.top_k), base, qrels)
         report(collection, "picked on" if collection == args.pick else "tested on", r)
     return 0
 

@@ -212,6 +212,17 @@ def test_model_without_base_url_names_a_local_model(tmp_path, monkeypatch):
     assert args.method_choice["chosen_by"] == "local model fake"
 
 
+def test_interpolate_flag_replaces_the_recipe_weight_and_says_so(tmp_path, monkeypatch):
+    from permrank.cli.options import method_options_of
+
+    fake_model(tmp_path, monkeypatch)
+    args = args_of(model="fake", interpolate=0.85)
+    registry.settle_args(args)
+    assert method_options_of(args) == {"interpolate": 0.85}
+    assert args.method_choice["options"] == {"interpolate": 0.5}  # the recipe's
+    assert args.method_choice["replaced_by_flags"] == {"interpolate": 0.85}
+
+
 def test_model_without_base_url_otherwise_refused():
     with pytest.raises(ConfigError, match="--model 'gpt-4o' without --base-url.*qwen2.5-coder"):
         registry.settle_args(args_of(model="gpt-4o"))

@@ -264,3 +264,34 @@ def test_first_fits_a_window_to_the_context(sim, requests20, grades):
     (trace,) = ranking.trace
     assert trace.prompt_tokens <= 1000 + 4  # the simulator adds 4 tokens per message
     assert ranking.docids[:5] == ideal(requests20[0], grades)[:5]
+
+
+def test_cli_interpolate_fuses_with_the_first_stage(sim, tmp_path, capsys):
+    """``--interpolate W``: W=0 is the first stage's order, W=1 the model's own; a weight out of
+    range or a method that does not fuse is refused before any call."""
+    inputs = DL19_3Q20 / "candidates.jsonl"
+    argv = ["rerank", "--input", str(inputs), "--base-url", sim.base_url, "--no-cache", "-q"]
+    argv += ["--model", sim.state.model, "--method", "likelihood", "--top-k", "20"]
+
+    def order(*extra: str) -> dict[str, list[str]]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.jsonl"
+        assert main(argv + ["--output", str(out), *extra]) == 0, capsys.readouterr().err
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        return {r["qid"]: [c["docid"] for c in r["candidates"]][:20] for r in rows}
+
+    given = {r.query.qid: [c.docid for c in r.candidates][:20] for r in read_requests(inputs)}
+    model_only = order()
+    assert model_only != given
+    assert order("--interpolate", "0") == given
+    assert order("--interpolate", "1") == model_only
+    halfway = order("--interpolate", "0.5")
+    assert halfway not in (given, model_only)
+    manifest = json.loads(next(tmp_path.glob("*.manifest.json")).read_text())
+    assert "interpolate" in manifest["parameters"]["method"]
+    asked = sim.state.requests
+    assert main(argv + ["--output", str(tmp_path / "x.jsonl"), "--interpolate", "1.5"]) == 2
+    assert "interpolate must be between 0 and 1 (got 1.5)" in capsys.readouterr().err
+    listwise = [a if a != "likelihood" else "listwise" for a in argv]
+    assert main(listwise + ["--output", str(tmp_path / "y.jsonl"), "--interpolate", "0.5"]) == 2
+    assert "--interpolate does not apply to --method listwise" in capsys.readouterr().err
+    assert sim.state.requests == asked

@@ -219,6 +219,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="pointwise: softmax over yes/no (default), the yes logprob, or P(yes) over the vocab",
     )
     g.add_argument(
+        "--interpolate",
+        type=float,
+        metavar="W",
+        help="pointwise, likelihood: order by W * model + (1 - W) * first stage, both scores "
+        "min-max normalised per query (0-1; a named local model's recipe sets its own, which "
+        "this replaces)",
+    )
+    g.add_argument(
         "--likelihood-mode",
         choices=("auto", "echo", "prompt_logprobs", "forced"),
         help="likelihood: how prompt logprobs are read (auto: echo, else llama.cpp's forced "
@@ -290,6 +298,7 @@ METHOD_FLAGS = {
     "route": "route",
     "score_api": "api",
     "score_batch": "batch",
+    "interpolate": "interpolate",
 }
 
 
@@ -319,6 +328,9 @@ def method_options_of(args: argparse.Namespace) -> dict[str, Any]:
                 f"--{flag.replace('_', '-')} does not apply to --method {args.method}"
             )
         options[option] = value
+        choice = getattr(args, "method_choice", None)
+        if isinstance(choice, dict) and option in choice.get("options", {}):
+            choice.setdefault("replaced_by_flags", {})[option] = value  # the manifest says so
     return options
 
 
