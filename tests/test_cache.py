@@ -87,6 +87,31 @@ def test_cached_answer_keeps_its_token_counts_and_says_it_is_cached(tmp_path):
     assert backend.describe()["cache"] == str(tmp_path / "c.sqlite")
 
 
+def test_an_answer_the_cache_cannot_keep_is_still_given_and_warned_about(tmp_path, caplog):
+    """A commit that fails (a full disk, a file another process broke) happens after the answer
+    was handed back: the run gets the answer and a warning naming the cache, not a failure."""
+    with simulator() as sim:
+        cache = ResponseCache(tmp_path / "c.sqlite")
+        backend = CachingBackend(OpenAIBackend(sim.base_url, sim.state.model), cache)
+
+        def full_disk(*args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        cache._put = full_disk  # type: ignore[method-assign]
+
+        async def ask() -> Completion:
+            try:
+                return await backend.complete(MESSAGES, max_tokens=20)
+            finally:
+                await backend.aclose()  # waits for the queued commit
+
+        answer = asyncio.run(ask())
+    assert answer.text and not answer.cached
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("not kept in the cache" in m and "disk is full" in m for m in warned), warned
+    assert str(tmp_path / "c.sqlite") in warned[-1]
+
+
 def test_repeated_run_makes_no_call_and_writes_identical_bytes(tmp_path, capsys):
     cache = tmp_path / "cache.sqlite"
     with simulator() as sim:
