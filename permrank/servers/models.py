@@ -263,7 +263,10 @@ QWEN_15B = LocalModel(
 
 SMOLLM2 = LocalModel(
     name="smollm2-135m",
-    title="SmolLM2-135M-Instruct, GGUF Q4_1 (cannot rank: for tests of the path)",
+    title=(
+        "SmolLM2-135M-Instruct, GGUF Q4_1 (the smallest: its query likelihood beats BM25, "
+        "listwise does not; tests use it)"
+    ),
     file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
     size=0,
     sha256="",
