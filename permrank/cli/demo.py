@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from permrank.cli import interrupt
 from permrank.cli.rerank import (
     add_model_options,
     model_endpoint,
@@ -132,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
             f"{context})",
             flush=True,
         )
-        import asyncio
 
         reranker = reranker_from_args(args)
         method = reranker.method.describe() if reranker.method else {"name": "listwise"}
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         t1 = time.perf_counter()
-        rankings = asyncio.run(rerank_with_progress(reranker, requests))
+        rankings = interrupt.run(rerank_with_progress(reranker, requests))
         seconds = time.perf_counter() - t1
     totals = Usage()
     for ranking in rankings:

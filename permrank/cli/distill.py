@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from permrank.cli import scaleout
+from permrank.cli import interrupt, scaleout
 from permrank.cli.rerank import (
     add_model_options,
     add_run_options,
@@ -221,7 +221,6 @@ def clear_labels(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
 
     from tqdm import tqdm
 
@@ -319,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
             await teacher.aclose()
 
     try:
-        asyncio.run(go())
+        interrupt.run(go())
     except KeyboardInterrupt:
         args.interrupted_note = (
             f"; {already + done_now} queries are in {args.out}: run the same command again "

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from permrank.cli import interrupt
 from permrank.core.errors import PermrankError
 
 COMMAND_MODULES = (
@@ -101,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "openai", "httpcore"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     try:
-        return int(args.func(args) or 0)
+        with interrupt.watching():
+            status = int(args.func(args) or 0)
+            interrupt.check()  # a Ctrl-C whose exception a finaliser swallowed
+        return status
     except PermrankError as exc:
         print(f"permrank {args.command}: error: {exc}", file=sys.stderr)
         return 2

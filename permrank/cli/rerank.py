@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from permrank.cli import scaleout
+from permrank.cli import interrupt, scaleout
 from permrank.core.errors import ConfigError, PermrankError
 from permrank.core.scores import rank_scores
 from permrank.core.strategies import describe_strategy
@@ -298,7 +298,6 @@ def run(
     args: argparse.Namespace,
     prepared: tuple[int, dict[str, dict[str, int]] | None] | None = None,
 ) -> int:
-    import asyncio
 
     from tqdm import tqdm
 
@@ -359,7 +358,7 @@ def run(
 
     try:
         bar.update(min(len(done_before), n_queries))
-        asyncio.run(go())
+        interrupt.run(go())
     except PermrankError as exc:
         qid = getattr(exc, "qid", None)
         if qid is not None:
