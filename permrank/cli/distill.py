@@ -221,7 +221,6 @@ def clear_labels(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from tqdm import tqdm
 
     from permrank.core.files import write_json_atomic

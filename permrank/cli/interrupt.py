@@ -67,23 +67,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     asyncio's handler (cancel the main task) is in place, as with no watching at all."""
     if not _ours():
         return asyncio.run(coro)
-    try:
-        check()
-    except KeyboardInterrupt:
-        coro.close()
-        raise
+    if _requested:
+        coro.close()  # never started: no "coroutine was never awaited" warning
+        raise KeyboardInterrupt
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = asyncio.run(coro)
-    except KeyboardInterrupt:
-        _note_requested()
-        raise
     finally:
         signal.signal(signal.SIGINT, _on_sigint)
     check()
     return result
-
-
-def _note_requested() -> None:
-    global _requested
-    _requested = True

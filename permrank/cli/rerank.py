@@ -298,7 +298,6 @@ def run(
     args: argparse.Namespace,
     prepared: tuple[int, dict[str, dict[str, int]] | None] | None = None,
 ) -> int:
-
     from tqdm import tqdm
 
     from permrank.core.files import write_json_atomic
