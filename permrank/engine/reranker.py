@@ -46,7 +46,15 @@ log = logging.getLogger(__name__)
 
 
 class _LoopThread:
-    """A private event loop in a thread, so the sync API works inside Jupyter's loop too."""
+    """A private event loop in a thread, so the sync API works inside Jupyter's loop too.
+
+    When the caller is interrupted while it waits (Ctrl-C's ``KeyboardInterrupt``, a SIGTERM
+    handler's ``SystemExit``), the work on the loop is cancelled and waited for (up to
+    ``cancel_grace_s``) before the interruption goes on: no request is sent or retried after
+    it, and nothing is left pending for the interpreter to destroy noisily at exit.
+    """
+
+    cancel_grace_s = 5.0
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -54,7 +62,21 @@ class _LoopThread:
         self.thread.start()
 
     def run(self, coro: Awaitable[Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+        finished = threading.Event()
+
+        async def tracked() -> Any:
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            if future.cancel():  # still running: its task is cancelled on the loop
+                finished.wait(self.cancel_grace_s)
+            raise
 
 
 class Reranker:
