@@ -19,8 +19,10 @@ import pytest
 
 from permrank.backends.client import plain_http_applies
 from permrank.backends.openai import OpenAIBackend
+from permrank.backends.tokenizer import ServerTokenizer
 from permrank.core.errors import BackendError, ConfigError
 from permrank.engine.reranker import Reranker
+from permrank.servers.process import free_port
 from permrank.sim.server import Corpus, Simulator
 from permrank.sim.state import SimulatorState, completion_payload
 
@@ -426,3 +428,34 @@ def test_latency_is_wire_time_and_waiting_is_queued_time(raw: Any) -> None:
     queued = sorted(c.queued_s for c in completions)
     assert all(0.18 <= x < 0.4 for x in latencies)  # each its own 0.2 s on the wire
     assert queued[0] < 0.1 and 0.15 <= queued[1] < 0.4 and 0.35 <= queued[2] < 0.8
+
+
+def test_the_tokenizer_sends_again_a_request_lost_on_a_closed_connection(raw: Any) -> None:
+    """llama.cpp closes a kept-alive connection that stays idle while a long answer is written;
+    the tokenizer's next request on it is sent again on a fresh connection (tokenizing is
+    idempotent), not a failed query. A bench run lost a query that way (1.5B, listwise)."""
+    srv = raw(lambda method, path, body: (200, {"tokens": [1, 2, 3]}), close="second")
+    tokenizer = ServerTokenizer(f"http://127.0.0.1:{srv.port}", kind="llama.cpp", model="m")
+
+    async def two() -> list[tuple[int, ...]]:
+        try:
+            return [await tokenizer.aencode("first"), await tokenizer.aencode("second")]
+        finally:
+            await tokenizer.aclose()
+
+    assert asyncio.run(two()) == [(1, 2, 3), (1, 2, 3)]
+    assert srv.connections == 2 and [r[1] for r in srv.requests] == ["/tokenize"] * 3
+
+
+def test_the_tokenizer_does_not_hide_a_server_that_is_gone() -> None:
+    port = free_port()
+    tokenizer = ServerTokenizer(f"http://127.0.0.1:{port}", kind="llama.cpp", model="m")
+
+    async def once() -> None:
+        try:
+            await tokenizer.aencode("text")
+        finally:
+            await tokenizer.aclose()
+
+    with pytest.raises(BackendError, match="tokenizer failed.*is the server still up"):
+        asyncio.run(once())

@@ -39,6 +39,17 @@ class TransportError(Exception):
         self.cause = cause
 
 
+def lost_on_a_closed_connection(exc: BaseException) -> bool:
+    """A request that failed on a connection the server had closed (most likely a kept-alive
+    one it closed while idle, e.g. llama.cpp's after 5 s): worth sending again at once on a
+    fresh one. A refused connection is not that."""
+    return (
+        isinstance(exc, TransportError)
+        and isinstance(exc.cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+        and not isinstance(exc.cause, aiohttp.ClientConnectorError)
+    )
+
+
 class HTTPStatusError(Exception):
     """The server answered with status >= 400."""
 

@@ -21,7 +21,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientConnectorError, ClientOSError, ServerDisconnectedError
 from asyncio_throttle import Throttler
 
 from permrank.backends.base import Exchange
@@ -31,6 +30,7 @@ from permrank.backends.client import (
     HTTPStatusError,
     ResponseTooLarge,
     TransportError,
+    lost_on_a_closed_connection,
     plain_http_applies,
 )
 from permrank.core.errors import BackendError, ConfigError
@@ -241,12 +241,7 @@ class OpenAIBackend:
         """Seconds to wait before attempt ``attempt + 1`` after ``exc`` ended attempt
         ``attempt``: what ``Retry-After`` asks (capped), else exponential backoff with jitter;
         none after a first attempt lost on a connection the server had closed."""
-        if (
-            attempt == 1
-            and isinstance(exc, TransportError)
-            and isinstance(exc.cause, ServerDisconnectedError | ClientOSError)
-            and not isinstance(exc.cause, ClientConnectorError)
-        ):
+        if attempt == 1 and lost_on_a_closed_connection(exc):
             return 0.0  # most likely a kept-alive connection the server had closed: a fresh one
         asked = retry_after_seconds(exc)
         if asked is not None:

@@ -58,16 +58,28 @@ class ServerTokenizer:
     async def _post(
         self, route: str, body: dict[str, object], client: Any = None
     ) -> dict[str, object]:
-        from permrank.backends.client import HTTPStatusError, ResponseTooLarge, TransportError
+        from permrank.backends.client import (
+            HTTPStatusError,
+            ResponseTooLarge,
+            TransportError,
+            lost_on_a_closed_connection,
+        )
 
         url = f"{self.root}{route}"
-        try:
-            data = await (client or self._client).post_json(url, body)
-        except (HTTPStatusError, TransportError, ResponseTooLarge, TimeoutError) as exc:
-            raise BackendError(
-                f"{url}: the server's tokenizer failed ({type(exc).__name__}: {exc}); "
-                "is the server still up?"
-            ) from None
+        for attempt in (1, 2):
+            try:
+                data = await (client or self._client).post_json(url, body)
+                break
+            except (HTTPStatusError, TransportError, ResponseTooLarge, TimeoutError) as exc:
+                # Tokenizing is idempotent: a request lost on a kept-alive connection the
+                # server closed while idle (llama.cpp's, during a long answer) is sent again.
+                if attempt == 1 and lost_on_a_closed_connection(exc):
+                    log.debug("%s: lost on a closed connection; sending it again", url)
+                    continue
+                raise BackendError(
+                    f"{url}: the server's tokenizer failed ({type(exc).__name__}: {exc}); "
+                    "is the server still up?"
+                ) from None
         if not isinstance(data, dict):
             raise BackendError(f"{url}: unexpected answer {data!r:.200}")
         return data
