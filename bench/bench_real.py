@@ -2,12 +2,14 @@
 
 For each model the embedded llama.cpp server is started once (2 threads), and every method in
 ``--methods`` reranks every query of every collection through permrank's own pipeline (no
-cache). Each reranked query is appended to ``OUT/MODEL/METHOD/COLLECTION.jsonl`` as soon as it
-is done (the new order, each passage's score from the trace, calls, tokens, seconds), so a
-killed run resumes where it stopped. The table (``OUT/results.md``) gives nDCG@10 against
-BM25's with per-query wins/losses and a paired t-test p-value, calls, tokens and seconds per
-query; partial collections are marked. The per-passage scores let interpolation weights and
-normalisations be explored offline (``bench/fuse_offline.py``) without asking the model again.
+cache). Each reranked query is appended to ``OUT/MODEL/METHOD/COLLECTION.jsonl`` (``METHOD+amx``
+when the server ran llama.cpp's AMX kernels, from a Q8_0 copy: other weights and other timings,
+kept apart) as soon as it is done (the new order, each passage's score from the trace, calls,
+tokens, seconds), so a killed run resumes where it stopped. The table (``OUT/results.md``) gives
+nDCG@10 against BM25's with per-query wins/losses and a paired t-test p-value, calls, tokens and
+seconds per query; partial collections are marked. The per-passage scores let interpolation
+weights and normalisations be explored offline (``bench/fuse_offline.py``) without asking the
+model again.
 
     PYTHONPATH=. python bench/bench_real.py --models qwen2.5-coder-0.5b --methods likelihood
     PYTHONPATH=. python bench/bench_real.py --table-only        # rewrite the table from OUT
@@ -41,6 +43,26 @@ OTHER_COLLECTIONS = {"scifact": "scifact", "cranfield": "cranfield"}
 """Collections the recipes were not chosen on (``--collections scifact,cranfield``): a check."""
 MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m")
 
+FEWSHOT_TURNS = "".join(
+    "<|im_start|>user\nWrite a search query that the passage below answers.\n"
+    f"Passage: {passage}<|im_end|>\n<|im_start|>assistant\nQuery: {query}<|im_end|>\n"
+    for passage, query in (
+        (
+            "The Great Barrier Reef is the world's largest coral reef system, made of over "
+            "2,900 individual reefs and 900 islands stretching over 2,300 kilometres off the "
+            "coast of Queensland, Australia.",
+            "where is the great barrier reef",
+        ),
+        (
+            "To convert a temperature from Celsius to Fahrenheit, multiply it by 1.8 and add "
+            "32. For example, 20 degrees Celsius is 68 degrees Fahrenheit.",
+            "how to convert celsius to fahrenheit",
+        ),
+    )
+)
+"""Two examples written for the few-shot variant (not from any collection): earlier turns of
+the same chat, shared by every prompt, so llama.cpp's prompt cache reads them once a slot."""
+
 METHODS: dict[str, dict[str, Any]] = {
     "listwise": {"method": "listwise"},
     "pointwise": {"method": "pointwise"},
@@ -56,6 +78,23 @@ METHODS: dict[str, dict[str, Any]] = {
             "mode": "forced",
             "prompt": "<|im_start|>user\nPassage: {passage}\nWrite a search query that this "
             "passage is relevant to.<|im_end|>\n<|im_start|>assistant\nQuery:",
+        },
+    },
+    "likelihood-chat-first": {
+        "method": "likelihood",
+        "method_options": {
+            "mode": "forced",
+            "prompt": "<|im_start|>user\nWrite a question that the passage below answers.\n"
+            "Passage: {passage}<|im_end|>\n<|im_start|>assistant\nQuestion:",
+        },
+    },
+    "likelihood-chat-fewshot": {
+        "method": "likelihood",
+        "method_options": {
+            "mode": "forced",
+            "prompt": FEWSHOT_TURNS
+            + "<|im_start|>user\nWrite a search query that the passage below answers.\n"
+            "Passage: {passage}<|im_end|>\n<|im_start|>assistant\nQuery:",
         },
     },
     "first": {"method": "first"},
@@ -164,7 +203,10 @@ def run_one(
     from permrank.engine.reranker import Reranker
 
     requests, _ = load_collection(collection, args.depth, args.limit)
-    path = args.out / model / method / f"{collection}.jsonl"
+    # Rows from llama.cpp's AMX kernels (a Q8_0 copy of a Q4_K_M model, permrank.servers.amx)
+    # are kept apart: other weights, other timings.
+    variant = f"{method}+amx" if getattr(server, "amx", None) else method
+    path = args.out / model / variant / f"{collection}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = done_rows(path)
     todo = [r for r in requests if r.query.qid not in done]
@@ -185,7 +227,7 @@ def run_one(
         ),
         cache=None,
     )
-    print(f"{model} {method} {collection}: {len(todo)} queries to go", flush=True)
+    print(f"{model} {variant} {collection}: {len(todo)} queries to go", flush=True)
     with reranker, path.open("a") as out:
         for request in todo:
             started = time.perf_counter()
@@ -208,6 +250,8 @@ def run_one(
                 "seconds": time.perf_counter() - started,
                 "error": ranking.error,
                 "max_passage_tokens": args.max_passage_tokens,
+                "model_file": server.model_path.name,
+                "amx": server.amx,
             }
             out.write(json.dumps(row) + "\n")
             out.flush()
