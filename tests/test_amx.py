@@ -156,3 +156,14 @@ def test_the_q8_0_copy_is_derived_once_and_again_when_its_source_changes(tmp_pat
     os.utime(source, (later, later))  # the source was assembled again
     amx.requantized(model, source, binary)
     assert copy.stat().st_mtime_ns != made
+
+
+@pytest.mark.parametrize(("works", "status", "says"), [(False, 1, "crash"), (True, 0, "work")])
+def test_models_amx_reports_the_builds_verdict(amx_cpu, capsys, works, status, says):
+    """``permrank models amx`` (what scripts/setup runs to decide on a rebuild)."""
+    from permrank.cli.main import main
+
+    install, _, _ = amx_cpu
+    amx.record(install(crash=not works), works)
+    assert main(["models", "amx"]) == status
+    assert f"llama.cpp's AMX kernels: {says}" in capsys.readouterr().out

@@ -182,13 +182,11 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         wait_s=getattr(args, "timeout", None),
     ) as found:
         if found.server is not None and not quiet:
-            kernels = {
-                True: ", AMX kernels",
-                False: ", without AMX kernels (they crash in this build)",
-            }
+            amx = getattr(found.server, "amx", None)
+            kernels = {True: ", AMX kernels", False: ", without AMX kernels (they crash here)"}
             print(
                 f"started llama.cpp with {found.server.model_path.name} at "
-                f"{found.base_url}{kernels.get(getattr(found.server, 'amx', None), '')} "
+                f"{found.base_url}{kernels.get(amx, '') if amx is not None else ''} "
                 "(stopped when the run ends)",
                 file=sys.stderr,
             )

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
 import signal
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from permrank.servers.models import (
     atomic_file,
     models_dir,
 )
+from permrank.servers.process import NO_PROXY
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ SELF_TEST_PROMPT = "The quick brown fox jumps over the lazy dog. " * 8
 """~96 tokens: enough rows for llama.cpp to take its AMX matrix path (small batches take a
 vector path that never touches the tiles)."""
 SIGILL_CODES = (-signal.SIGILL, 128 + signal.SIGILL)
+EXIT_WAIT_S = 5.0
+"""After a failed self-test, how long a dying server is given to exit before it is taken to be
+alive (slow, not crashed)."""
 STALE_S = 3600.0
 """A temporary file this old is left by a killed derivation (a running one keeps writing)."""
 
@@ -135,9 +139,9 @@ def self_test(url: str, timeout_s: float = 120.0) -> bool:
         f"{url}/completion", body.encode(), {"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+        with NO_PROXY.open(request, timeout=timeout_s) as answer:  # loopback: never a proxy
             json.loads(answer.read())
-    except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+    except (OSError, http.client.HTTPException, ValueError):  # refused, reset, HTTPError
         return False
     return True
 
@@ -214,16 +218,10 @@ def requantized(model: LocalModel, source: Path, server_binary: Path) -> Path:
     return target
 
 
-def state() -> str:
-    """One line on the AMX kernels for this CPU and the installed llama.cpp build."""
+def describe(works: bool | None) -> str:
+    """One line on the AMX kernels: this CPU's and the installed build's (``verdict``)."""
     if not amx_flags():
         return "llama.cpp's AMX kernels: this CPU has none"
-    from permrank.servers.llamacpp import llama_server_binary
-
-    try:
-        works = verdict(llama_server_binary())
-    except ConfigError:
-        return "llama.cpp's AMX kernels: llama.cpp's server is not installed"
     return (
         "llama.cpp's AMX kernels: "
         + {
@@ -232,25 +230,3 @@ def state() -> str:
             None: "not checked yet (checked when a server first starts)",
         }[works]
     )
-
-
-def main() -> int:
-    """``python -m permrank.servers.amx``: check the installed llama.cpp build now (a server
-    started once with the default model). Exit status 1 when this CPU has AMX and the build's
-    kernels crash (``scripts/setup`` then rebuilds it), 0 otherwise."""
-    from permrank.servers.llamacpp import LlamaServer, llama_server_binary
-
-    if not amx_flags():
-        print("this CPU reports no AMX tiles: nothing to check")
-        return 0
-    binary = llama_server_binary()
-    known = verdict(binary)
-    if known is None:
-        with LlamaServer(extra_args=()) as server:
-            known = bool(server.amx)
-    print(f"llama.cpp's AMX kernels {'work' if known else 'crash'} in {binary.parent}")
-    return 0 if known else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -202,7 +203,11 @@ class LlamaServer(ManagedServer):
                 raise
             works = False
         else:
-            works = amx.self_test(self.url) or self.running  # alive but slow: not the crash
+            works = amx.self_test(self.url)
+            if not works and self.process is not None:  # dying, or alive but slow (no crash)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(amx.EXIT_WAIT_S)
+                works = self.running
             code = self._terminate()
             if not works and code not in amx.SIGILL_CODES:
                 raise EndpointUnavailable(

@@ -177,14 +177,14 @@ def _group_alive(pgid: int) -> bool:
 
 
 # -- a server process --------------------------------------------------------------------------
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
 
 
 def healthy(url: str, timeout_s: float) -> bool:
     """Whether a server we started answers its health route with 200 yet (a loopback GET from
     the starting thread: no event loop involved, so the standard library's client is enough)."""
     try:
-        with _NO_PROXY.open(url, timeout=timeout_s) as answer:
+        with NO_PROXY.open(url, timeout=timeout_s) as answer:
             return bool(answer.status == 200)
     except (OSError, http.client.HTTPException):  # refused, reset, 503 (HTTPError), timeout
         return False
