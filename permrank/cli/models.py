@@ -145,13 +145,20 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def amx_line() -> str:
-    from permrank.core.errors import ConfigError
+def amx_verdict() -> bool | None:
+    """The installed llama.cpp build's AMX verdict (None: not checked, or no AMX on this CPU)."""
     from permrank.servers import amx
     from permrank.servers.llamacpp import llama_server_binary
 
+    return amx.verdict(llama_server_binary()) if amx.amx_flags() else None
+
+
+def amx_line() -> str:
+    from permrank.core.errors import ConfigError
+    from permrank.servers import amx
+
     try:
-        return amx.describe(amx.verdict(llama_server_binary()) if amx.amx_flags() else None)
+        return amx.describe(amx_verdict())
     except ConfigError:
         return "llama.cpp's AMX kernels: llama.cpp's server is not installed"
 
@@ -160,7 +167,7 @@ def run_amx(args: argparse.Namespace) -> int:
     from permrank.servers import amx
     from permrank.servers.llamacpp import LlamaServer, llama_server_binary
 
-    works = amx.verdict(llama_server_binary()) if amx.amx_flags() else None
+    works = amx_verdict()
     if works is None and amx.amx_flags():
         with LlamaServer() as server:
             works = bool(server.amx)

@@ -43,9 +43,9 @@ from permrank.core.errors import ConfigError
 from permrank.servers.models import (
     TEMP_PREFIX,
     LocalModel,
-    _write_atomic,
     atomic_file,
     models_dir,
+    write_json_atomic,
 )
 from permrank.servers.process import NO_PROXY
 
@@ -128,7 +128,7 @@ def record(binary: Path, works: bool, detail: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _read_verdicts()
     data[build_key(binary)] = {"works": works, "checked": time.time(), "detail": detail}
-    _write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_json_atomic(path, data)
 
 
 def self_test(url: str, timeout_s: float = 120.0) -> bool:
@@ -213,7 +213,7 @@ def requantized(model: LocalModel, source: Path, server_binary: Path) -> Path:
             )
     stat = target.stat()
     mark = {"source": want, "quant": QUANT, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    _write_atomic(marker, (json.dumps(mark, indent=2) + "\n").encode())
+    write_json_atomic(marker, mark)
     log.info("derived %s in %.1f s", target, time.perf_counter() - started)
     return target
 

@@ -399,20 +399,6 @@ def _trusted(model: LocalModel, path: Path) -> bool:
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -438,6 +424,12 @@ def atomic_file(target: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """``data`` as indented JSON at ``path``, written through ``atomic_file``."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _reinstall(parts: list[Part]) -> str:
@@ -546,7 +538,7 @@ def _mark(model: LocalModel, target: Path) -> None:
         "verified": time.time(),
         "parts": _part_files(model),  # the installed parts it was checked against
     }
-    _write_atomic(_marker(target), (json.dumps(mark, indent=2) + "\n").encode())
+    write_json_atomic(_marker(target), mark)
 
 
 def describe(model: LocalModel) -> dict[str, Any]:
