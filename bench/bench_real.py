@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -41,6 +42,9 @@ DATA = Path(os.environ.get("PERMRANK_DATA", ROOT.parent / "shared" / "data"))
 COLLECTIONS = {"dl19": "trec-dl19", "dl20": "trec-dl20"}
 OTHER_COLLECTIONS = {"scifact": "scifact", "cranfield": "cranfield"}
 """Collections the recipes were not chosen on (``--collections scifact,cranfield``): a check."""
+EACH_TOKEN = re.compile(r"\(each: ([-0-9. e]+)\)")
+"""Each query token's logprob, as the likelihood method's trace lists them (``token_logprobs``
+in the rows, for ``bench/ql_tokens.py``)."""
 MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m")
 
 FEWSHOT_TURNS = "".join(
@@ -71,6 +75,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "likelihood-chat": {
         "method": "likelihood",
         "method_options": {"mode": "forced", "prompt": "chat-upr"},
+    },
+    "likelihood-chat-cap": {
+        "method": "likelihood",
+        "method_options": {"mode": "forced", "prompt": "chat-upr", "capitalise": True},
     },
     "likelihood-chat-query": {
         "method": "likelihood",
@@ -196,12 +204,32 @@ def done_rows(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def run_one(
-    args: argparse.Namespace, server: Any, model: str, method: str, collection: str
-) -> None:
+def reranker_for(server: Any, method: str, max_passage_tokens: int, ctx: int) -> Any:
+    """A Reranker asking ``server`` (an embedded llama.cpp) with the variant ``method`` (no
+    cache; the server's own tokenizer; as many requests in flight as it has slots)."""
     from permrank.backends.tokenizer import ServerTokenizer
     from permrank.engine.reranker import Reranker
 
+    spec = METHODS[method.removesuffix("+amx")]
+    return Reranker(
+        model=server.model,
+        base_url=server.base_url,
+        method=spec["method"],
+        method_options=spec.get("method_options"),
+        max_passage_tokens=max_passage_tokens,
+        context_window=ctx,
+        concurrency=server.parallel,
+        timeout_s=900.0,
+        tokenizer=ServerTokenizer(
+            server.base_url.removesuffix("/v1"), kind="llama.cpp", model=server.model
+        ),
+        cache=None,
+    )
+
+
+def run_one(
+    args: argparse.Namespace, server: Any, model: str, method: str, collection: str
+) -> None:
     requests, _ = load_collection(collection, args.depth, args.limit)
     # Rows from llama.cpp's AMX kernels (a Q8_0 copy of a Q4_K_M model, permrank.servers.amx)
     # are kept apart: other weights, other timings.
@@ -212,30 +240,20 @@ def run_one(
     todo = [r for r in requests if r.query.qid not in done]
     if not todo:
         return
-    spec = METHODS[method]
-    reranker = Reranker(
-        model=server.model,
-        base_url=server.base_url,
-        method=spec["method"],
-        method_options=spec.get("method_options"),
-        max_passage_tokens=args.max_passage_tokens,
-        context_window=args.ctx,
-        concurrency=server.parallel,
-        timeout_s=900.0,
-        tokenizer=ServerTokenizer(
-            server.base_url.removesuffix("/v1"), kind="llama.cpp", model=server.model
-        ),
-        cache=None,
-    )
+    reranker = reranker_for(server, method, args.max_passage_tokens, args.ctx)
     print(f"{model} {variant} {collection}: {len(todo)} queries to go", flush=True)
     with reranker, path.open("a") as out:
         for request in todo:
             started = time.perf_counter()
             ranking = reranker.rerank_batch([request])[0]
             scores: dict[str, float] = {}
+            tokens: dict[str, list[float]] = {}
             for trace in ranking.trace:
                 if trace.score is not None and len(trace.docids) == 1:
                     scores[trace.docids[0]] = trace.score
+                    each = EACH_TOKEN.search(trace.answer or "")
+                    if each:
+                        tokens[trace.docids[0]] = [float(v) for v in each.group(1).split()]
             usage: Usage = ranking.usage
             row = {
                 "qid": request.query.qid,
@@ -243,6 +261,7 @@ def run_one(
                 "bm25": [c.score for c in request.candidates],
                 "input": [c.docid for c in request.candidates],
                 "scores": scores,
+                **({"token_logprobs": tokens} if tokens else {}),
                 "calls": usage.calls,
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens,

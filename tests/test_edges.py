@@ -6,6 +6,7 @@ counts and memos that stay safe and bounded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -227,6 +228,93 @@ def test_reranking_with_a_server_tokenizer_counts_off_the_loop(raw: Any) -> None
     assert ranking.docids == ["1", "0"]
     routes = [path for _, path, _ in srv.requests]
     assert "/tokenize" in routes and "/detokenize" in routes
+
+
+YES = {
+    "choices": [
+        {
+            "finish_reason": "stop",
+            "message": {"content": "Yes"},
+            "logprobs": {
+                "content": [
+                    {
+                        "token": "Yes",
+                        "logprob": -0.1,
+                        "top_logprobs": [
+                            {"token": "Yes", "logprob": -0.1},
+                            {"token": "No", "logprob": -2.4},
+                        ],
+                    }
+                ]
+            },
+        }
+    ],
+    "usage": {"prompt_tokens": 30, "completion_tokens": 1},
+}
+
+
+def test_a_scoring_method_cuts_its_passages_at_once_off_the_loop(
+    raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pointwise and query likelihood cut each passage while they score: with a server's
+    tokenizer those cuts are asked together before scoring starts, never one at a time on the
+    event loop (which held every other request back: the server idle between them)."""
+    server = llama_cpp()
+    srv = raw(
+        lambda method, path, body: (
+            server(method, path, body)
+            if path in ("/tokenize", "/detokenize", "/v1/models", "/props")
+            else (200, YES)
+        ),
+        delay=lambda path, body: 0.4 if path == "/tokenize" else 0.0,
+    )
+    tokenizer = ServerTokenizer(f"http://127.0.0.1:{srv.port}", kind="llama.cpp", model="m")
+    passages = [f"passage number {i}" for i in range(7)] + ["word " * 400]
+    with caplog.at_level(logging.DEBUG, logger="permrank.backends.tokenizer"):
+        with Reranker(
+            "m", srv.base_url, tokenizer=tokenizer, method="pointwise", max_passage_tokens=50
+        ) as reranker:
+            started = time.perf_counter()
+            ranking = reranker.rank("q", passages)
+            took = time.perf_counter() - started
+    assert sorted(ranking.docids) == sorted(str(i) for i in range(len(passages)))
+    # eight passages' counts at 0.4 s each: 3.2 s one after another, 0.4 s together
+    assert took < 1.6, f"the cuts were asked one at a time ({took:.1f} s)"
+    assert "not warmed" not in caplog.text
+    asked = [body for _, path, body in srv.requests if path == "/v1/chat/completions"]
+    long_prompt = next(b for b in asked if "word word" in json.dumps(b))
+    assert json.dumps(long_prompt).count("word") == 10  # cut to 50 tokens (a token a character)
+
+
+def forced_answer(method: str, path: str, body: Any) -> tuple[int, Any]:
+    """llama.cpp's answer to a forced query (a grammar of token ids): each id with a logprob,
+    higher when the passage says "good"."""
+    if path != "/v1/completions":
+        return llama_cpp()(method, path, body)
+    ids = [int(i) for i in body["grammar"].replace("<[", " ").replace("]>", " ").split()[2:]]
+    value = -0.2 if "good" in body["prompt"] else -2.0
+    content = [{"id": i, "token": chr(i), "logprob": value, "top_logprobs": []} for i in ids]
+    return 200, {
+        "choices": [{"text": "", "finish_reason": "length", "logprobs": {"content": content}}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": len(ids)},
+    }
+
+
+def test_forced_likelihood_asks_the_query_tokens_once_a_query(raw: Any) -> None:
+    srv = raw(forced_answer, delay=lambda path, body: 0.2 if path == "/tokenize" else 0.0)
+    passages = ["a bad one", "a good one", "bad again", "good again", "meh"]
+    with Reranker(
+        "m", srv.base_url, method="likelihood", method_options={"mode": "forced"}
+    ) as reranker:
+        ranking = reranker.rank("which one", passages)
+    assert ranking.docids[:2] == ["1", "3"]
+    tokenized = [body for _, path, body in srv.requests if path == "/tokenize"]
+    assert tokenized == [{"content": " which one"}]  # once, not once a passage
+    scored = [t for t in ranking.trace if t.score is not None]
+    assert len(scored) == 5
+    assert scored[1].answer == (
+        "10 query tokens, mean logprob -0.2000 (each: " + " ".join(["-0.2000"] * 10) + ")"
+    )
 
 
 # -- counting and memory ----------------------------------------------------------------------

@@ -223,6 +223,23 @@ def test_interpolate_flag_replaces_the_recipe_weight_and_says_so(tmp_path, monke
     assert args.method_choice["replaced_by_flags"] == {"interpolate": 0.85}
 
 
+def test_the_qwen_recipe_gives_each_candidate_a_slot_of_a_passages_context():
+    """One query's 20 requests are read in one batch (20 slots); a scoring prompt is one passage
+    long, so each slot's context is small, and grows when passages are cut longer."""
+    args = args_of(local_model="qwen2.5-coder-0.5b", local_parallel=None, local_ctx=None)
+    registry.settle_args(args)
+    assert (args.local_parallel, args.local_ctx, args.max_passage_tokens) == (20, 1024, 200)
+    args = args_of(local_parallel=None, local_ctx=None, max_passage_tokens=800)
+    registry.settle_args(args)  # the default model
+    assert (args.local_parallel, args.local_ctx) == (20, 2112)
+    args = args_of(local_parallel=2, local_ctx=3000)
+    registry.settle_args(args)  # the user's choice wins
+    assert (args.local_parallel, args.local_ctx) == (2, 3000)
+    args = args_of(method="listwise", local_parallel=None, local_ctx=None)
+    registry.settle_args(args)  # not the recipe: one slot, a window's context
+    assert (args.local_parallel, args.local_ctx) == (1, 4096)
+
+
 def test_model_without_base_url_otherwise_refused():
     with pytest.raises(ConfigError, match="--model 'gpt-4o' without --base-url.*qwen2.5-coder"):
         registry.settle_args(args_of(model="gpt-4o"))

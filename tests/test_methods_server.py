@@ -93,6 +93,12 @@ def test_likelihood_forces_the_query_tokens_on_llama_cpp(llama, request3):
     n_query_tokens = int(ranking.trace[-1].answer.split()[0])
     assert n_query_tokens >= len(request3.query.text.split())
     assert ranking.trace[-1].completion_tokens == n_query_tokens
+    # the trace lists each query token's logprob; their mean is the passage's score
+    for trace in ranking.trace:
+        if trace.score is not None:
+            each = [float(v) for v in trace.answer.split("(each: ")[1].rstrip(")").split()]
+            assert len(each) == int(trace.answer.split()[0])
+            assert sum(each) / len(each) == pytest.approx(trace.score, abs=1e-3)
 
 
 def test_likelihood_echo_is_refused_clearly_by_llama_cpp(llama, request3):

@@ -165,7 +165,7 @@ def embedded_notice(args: argparse.Namespace) -> str:
 def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
     """The probed ``--base-url``, or the embedded llama.cpp server for the block's duration."""
     from permrank.backends.probe import endpoint
-    from permrank.servers.models import settle_args
+    from permrank.servers.models import DEFAULT_SLOT_CONTEXT, settle_args
 
     settle_args(args)
     quiet = getattr(args, "quiet", False)
@@ -178,7 +178,7 @@ def model_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
         api_key_env=args.api_key_env,
         local_model=getattr(args, "local_model", None),
         local_parallel=getattr(args, "local_parallel", None) or 1,
-        local_ctx=getattr(args, "local_ctx", 4096),
+        local_ctx=getattr(args, "local_ctx", None) or DEFAULT_SLOT_CONTEXT,
         wait_s=getattr(args, "timeout", None),
     ) as found:
         if found.server is not None and not quiet:

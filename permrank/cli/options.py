@@ -198,8 +198,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--local-ctx",
         type=int,
-        default=4096,
-        help="context per window of the embedded server in tokens (4096)",
+        default=None,
+        help="context per window of the embedded server in tokens (4096, or what the named "
+        "model's measured method uses: 1024 for the Qwen models' query likelihood)",
     )
 
     g = parser.add_argument_group("scoring method")

@@ -110,6 +110,24 @@ class MemoTokenizer:
         if warm is not None:
             await warm(texts)
 
+    async def acut(self, texts: Iterable[str], max_tokens: int) -> None:
+        """Have a remote tokenizer cut every text to ``max_tokens`` at once (concurrently), and
+        remember the cuts: the scoring methods cut each passage on the event loop, where a
+        request would block every other request of the run (one at a time, the server idle)."""
+        atruncate = getattr(self.inner, "atruncate", None)
+        if atruncate is None:
+            return
+        get_cut, put_cut = self.cuts.get, self.cuts.put
+        todo = [t for t in dict.fromkeys(texts) if t and get_cut((t, max_tokens)) is None]
+        if not todo:
+            return
+        await self.awarm(todo)
+        cuts = await asyncio.gather(*(atruncate(t, max_tokens) for t in todo))
+        for text, found in zip(todo, cuts, strict=True):
+            put_cut(
+                (text, max_tokens), found, size_of(text) + (0 if found is text else size_of(found))
+            )
+
 
 def window_texts(query: str, passages: list[tuple[str, str | None]]) -> list[str]:
     """Every text ``render_window`` counts first: the query (as given and as shown), each
@@ -252,6 +270,18 @@ AskWindow = Callable[
 ]
 
 
+async def precut(pipeline: Pipeline, request: Request) -> None:
+    """Cut the passages (and titles) a scoring method will show, before it starts: all at once
+    through a remote tokenizer, off the event loop's critical path (``MemoTokenizer.acut``)."""
+    acut = getattr(pipeline.tokenizer, "acut", None)
+    if acut is None or not getattr(pipeline.tokenizer, "remote", False):
+        return  # a local tokenizer cuts in microseconds
+    top_k = getattr(pipeline.method, "top_k", None)
+    shown = request.candidates if top_k is None else request.candidates[:top_k]
+    texts = [c.text for c in shown] + [c.title for c in shown if c.title]
+    await acut(texts, pipeline.budget.max_passage_tokens)
+
+
 async def rerank_request(
     pipeline: Pipeline, request: Request, *, run_spend: Spend | None = None
 ) -> Ranking:
@@ -266,6 +296,7 @@ async def rerank_request(
     token = _SPEND.set(spend)
     try:
         if pipeline.method is not None:
+            await precut(pipeline, request)
             return await pipeline.method.rerank(pipeline, request)
         return await drive_strategy(pipeline, request, ask_window)
     except PermrankError as exc:

@@ -13,6 +13,7 @@ permutation with the pipeline's template instead. Identifiers the server did not
 
 from __future__ import annotations
 
+import asyncio
 import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,7 +93,10 @@ class First:
         if len(window) > len(LETTERS):
             return await ask_window(pipeline, request, window, round_index)
         labels = list(LETTERS[: len(window)])
-        text = self.render(pipeline, request, window, labels)
+        if getattr(pipeline.tokenizer, "remote", False):  # a server counts: never on the loop
+            text = await asyncio.to_thread(self.render, pipeline, request, window, labels)
+        else:
+            text = self.render(pipeline, request, window, labels)
         c, tokens = await ask_tokens(
             pipeline,
             self.name,

@@ -18,6 +18,8 @@ passage is scored on the same query, but a different scale when fused). ``interp
 the score with the first-stage score: both are min-max normalised within the query and mixed
 as ``w * model + (1 - w) * first_stage`` (``w = interpolate``); candidates without a
 first-stage score are given one from their rank (``-rank``), so the order of the input counts.
+``capitalise`` upper-cases the query's first letter, as a question is written after "Question:"
+(MS MARCO's queries are all lower-case).
 """
 
 from __future__ import annotations
@@ -140,10 +142,14 @@ class Likelihood:
     top_k: int | None = None
     normalise: str = "mean"
     interpolate: float | None = None
+    capitalise: bool = False
     name: str = "likelihood"
     _resolved: str | None = field(default=None, repr=False, compare=False)
     _lock: asyncio.Lock | None = field(default=None, repr=False, compare=False)
     _token_ids: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
+    _tokenizing: dict[str, asyncio.Future[list[int]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.mode, MODES, "mode")
@@ -159,6 +165,8 @@ class Likelihood:
     ) -> tuple[float, list[WindowTrace]]:
         prefix = self.prompt.format(passage=cut(pipeline, candidate.text, candidate.title))
         target = " " + query.text.strip()
+        if self.capitalise:
+            target = " " + target[1:2].upper() + target[2:]
         calls: list[Call] = []
         if self._resolved is None:
             if self._lock is None:
@@ -195,7 +203,10 @@ class Likelihood:
                 c,
                 round_index=0,
                 docids=[candidate.docid],
-                answer=f"{len(values)} query tokens, {self.normalise} logprob {score:.4f}",
+                answer=(
+                    f"{len(values)} query tokens, {self.normalise} logprob {score:.4f}"
+                    f" (each: {' '.join(f'{v:.4f}' for v in values)})"
+                ),
                 permutation=[0],
                 score=score if c is calls[-1] else None,
             )
@@ -237,11 +248,13 @@ class Likelihood:
         root = server_root(getattr(pipeline.backend, "endpoint", ""))
         ids = self._token_ids.get(target)
         if ids is None:
-            answer, _, _ = await send(pipeline, f"{root}/tokenize", {"content": target})
-            ids = [t["id"] if isinstance(t, dict) else int(t) for t in answer.get("tokens") or []]
-            if not ids:
-                raise BackendError(f"{root}/tokenize returned no tokens for {target!r}")
-            self._token_ids[target] = ids
+            # a query's passages are scored at once: the first asks, the others wait for it
+            asking = self._tokenizing.get(target)
+            if asking is None:
+                asking = asyncio.ensure_future(self._tokenize(pipeline, root, target))
+                self._tokenizing[target] = asking
+                asking.add_done_callback(lambda _: self._tokenizing.pop(target, None))
+            ids = await asking
         grammar = "root ::= " + " ".join(f"<[{i}]>" for i in ids)
         c = await call(
             pipeline,
@@ -259,6 +272,14 @@ class Likelihood:
             )
         return [t.logprob for t in tokens if t.logprob is not None]
 
+    async def _tokenize(self, pipeline: Pipeline, root: str, target: str) -> list[int]:
+        answer, _, _ = await send(pipeline, f"{root}/tokenize", {"content": target})
+        ids = [t["id"] if isinstance(t, dict) else int(t) for t in answer.get("tokens") or []]
+        if not ids:
+            raise BackendError(f"{root}/tokenize returned no tokens for {target!r}")
+        self._token_ids[target] = ids
+        return ids
+
     async def rerank(self, pipeline: Pipeline, request: Request) -> Ranking:
         return await rerank_fused(self, pipeline, request, self.interpolate)
 
@@ -270,5 +291,6 @@ class Likelihood:
             "prompt": self.prompt,
             "normalise": self.normalise,
             "interpolate": self.interpolate,
+            "capitalise": self.capitalise,
             "top_k": self.top_k,
         }
