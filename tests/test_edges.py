@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from test_http import ANSWER, MESSAGES, raw_servers
+from test_methods_core import YES_LOGPROBS
 
 from permrank.backends.cache import CachingBackend, ResponseCache
 from permrank.backends.openai import OpenAIBackend
@@ -231,24 +232,7 @@ def test_reranking_with_a_server_tokenizer_counts_off_the_loop(raw: Any) -> None
 
 
 YES = {
-    "choices": [
-        {
-            "finish_reason": "stop",
-            "message": {"content": "Yes"},
-            "logprobs": {
-                "content": [
-                    {
-                        "token": "Yes",
-                        "logprob": -0.1,
-                        "top_logprobs": [
-                            {"token": "Yes", "logprob": -0.1},
-                            {"token": "No", "logprob": -2.4},
-                        ],
-                    }
-                ]
-            },
-        }
-    ],
+    "choices": [{"finish_reason": "stop", "message": {"content": "Yes"}, "logprobs": YES_LOGPROBS}],
     "usage": {"prompt_tokens": 30, "completion_tokens": 1},
 }
 

@@ -26,22 +26,24 @@ from permrank.engine.methods.pairwise import (
 )
 from permrank.engine.methods.pointwise import yes_no_score
 
+YES_LOGPROBS = {
+    "content": [
+        {
+            "token": "Yes",
+            "logprob": -0.1,
+            "top_logprobs": [
+                {"token": "Yes", "logprob": -0.1},
+                {"token": "No", "logprob": -2.4},
+            ],
+        }
+    ]
+}
+"""A chat answer's logprobs for "Yes" (with "No" as the alternative), as OpenAI and llama.cpp
+write them."""
+
 
 def test_chat_and_legacy_logprobs_read_the_same():
-    chat = {
-        "logprobs": {
-            "content": [
-                {
-                    "token": "Yes",
-                    "logprob": -0.1,
-                    "top_logprobs": [
-                        {"token": "Yes", "logprob": -0.1},
-                        {"token": "No", "logprob": -2.4},
-                    ],
-                }
-            ]
-        }
-    }
+    chat = {"logprobs": YES_LOGPROBS}
     legacy = {
         "logprobs": {
             "tokens": ["Yes"],

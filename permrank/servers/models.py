@@ -183,10 +183,10 @@ RECIPE_TOP_K = 20
 """Only the first 20 candidates are scored (the rest follow in their input order): what was
 measured, and 20 forced requests a query on a CPU."""
 QWEN_05B_MEASURED = {
-    "DL19": "0.5877 (BM25 0.5058; 34 better / 9 worse; 6.9 s a query with AMX kernels, the Q8_0 "
-    "copy; 0.5884 and 12.3 s a query without)",
-    "DL20": "0.5501 (BM25 0.4796; 38 better / 11 worse; 7.2 s a query with AMX kernels; 0.5457 "
-    "and 14.3 s a query without)",
+    "DL19": "0.5876 (BM25 0.5058; 34 better / 9 worse; 7.0 s a query with AMX kernels, the Q8_0 "
+    "copy, 20 slots; 0.5884 and 12.3 s a query without)",
+    "DL20": "0.5473 (BM25 0.4796; 39 better / 9 worse; 7.1 s a query with AMX kernels, 20 "
+    "slots; 0.5501-0.5521 in two runs with 4 slots; 0.5457 and 14.3 s a query without)",
 }
 """nDCG@10 of the recipe, BM25 top-20 (bench/bench_real.py + bench/fuse_check.py), on this
 project's 2-core CPU: with llama.cpp's AMX kernels (a Q8_0 copy, ``permrank.servers.amx``)
