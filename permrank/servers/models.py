@@ -196,8 +196,8 @@ and without them (the shipped Q4_K_M file, ``--no-repack``)."""
 def qwen_recipe(why: str) -> Recipe:
     """The Qwen models' recipe: forced query likelihood in a chat turn on 200-token passages of
     the first 20 candidates, fused with the first-stage score; a llama.cpp slot for each of
-    them (one query's requests read their prompts in one batch: 0.86x the time of four slots,
-    ``docs/local-models.md``), each with a 1,024-token context."""
+    them, with a 1,024-token context each (one query's requests read their prompts in one
+    batch: the demo takes 0.87x the time of four slots, ``docs/local-models.md``)."""
     options = {
         "mode": "forced",
         "prompt": "chat-upr",
