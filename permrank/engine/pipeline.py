@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from permrank.backends.base import Backend
 from permrank.core.errors import PermrankError
@@ -36,6 +36,7 @@ from permrank.core.types import Completion, Ranking, Request, WindowTrace
 from permrank.engine.usage import _SPEND, Spend, _count, usage_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -196,9 +197,7 @@ async def ask_window(
     if getattr(pipeline.tokenizer, "remote", False):  # a server counts: never on the loop
         warm = pipeline.tokenizer.awarm  # type: ignore[attr-defined]
         await warm(window_texts(request.query.text, passages))
-        max_tokens, messages = await asyncio.to_thread(render)
-    else:
-        max_tokens, messages = render()
+    max_tokens, messages = await off_loop(pipeline, render)
     extra = dict(pipeline.sampling.extra)
     if pipeline.window_extra is not None:
         extra.update(pipeline.window_extra(len(window)))
@@ -220,10 +219,7 @@ async def ask_window(
     # the context leaves), then repaired whatever comes back.
     more_tokens = 0
     if completion.finish_reason == "length":
-        if getattr(pipeline.tokenizer, "remote", False):
-            used = await asyncio.to_thread(count_message_tokens, messages, pipeline.tokenizer)
-        else:
-            used = count_message_tokens(messages, pipeline.tokenizer)
+        used = await off_loop(pipeline, count_message_tokens, messages, pipeline.tokenizer)
         room = pipeline.budget.context_window - used
         more_tokens = min(2 * max_tokens, room)
     if more_tokens > max_tokens:
@@ -268,6 +264,14 @@ AskWindow = Callable[
     [Pipeline, Request, list[int], int],
     Awaitable[tuple[list[int], WindowTrace | list[WindowTrace]]],
 ]
+
+
+async def off_loop(pipeline: Pipeline, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a worker thread when the tokenizer it counts with is a server's (its
+    requests then wait on the event loop, which must go on), else right here."""
+    if getattr(pipeline.tokenizer, "remote", False):
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 async def precut(pipeline: Pipeline, request: Request) -> None:

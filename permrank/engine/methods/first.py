@@ -13,7 +13,6 @@ permutation with the pipeline's template instead. Identifiers the server did not
 
 from __future__ import annotations
 
-import asyncio
 import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -88,15 +87,12 @@ class First:
     async def ask(
         self, pipeline: Pipeline, request: Request, window: list[int], round_index: int
     ) -> tuple[list[int], WindowTrace | list[WindowTrace]]:
-        from permrank.engine.pipeline import ask_window
+        from permrank.engine.pipeline import ask_window, off_loop
 
         if len(window) > len(LETTERS):
             return await ask_window(pipeline, request, window, round_index)
         labels = list(LETTERS[: len(window)])
-        if getattr(pipeline.tokenizer, "remote", False):  # a server counts: never on the loop
-            text = await asyncio.to_thread(self.render, pipeline, request, window, labels)
-        else:
-            text = self.render(pipeline, request, window, labels)
+        text = await off_loop(pipeline, self.render, pipeline, request, window, labels)
         c, tokens = await ask_tokens(
             pipeline,
             self.name,
