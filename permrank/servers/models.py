@@ -196,8 +196,9 @@ and without them (the shipped Q4_K_M file, ``--no-repack``)."""
 def qwen_recipe(why: str) -> Recipe:
     """The Qwen models' recipe: forced query likelihood in a chat turn on 200-token passages of
     the first 20 candidates, fused with the first-stage score; a llama.cpp slot for each of
-    them, with a 1,024-token context each (one query's requests read their prompts in one
-    batch: the demo takes 0.87x the time of four slots, ``docs/local-models.md``)."""
+    them, with a 1,024-token context each (the demo takes 0.87x the time of four slots,
+    ``docs/local-models.md``; the CLI sends ``--concurrency``, 8, at once: 20 at once was no
+    faster)."""
     options = {
         "mode": "forced",
         "prompt": "chat-upr",
