@@ -8,6 +8,13 @@ the other, never on the same; both with per-query wins/losses against BM25 and a
 
     PYTHONPATH=. python bench/fuse_offline.py --model qwen2.5-coder-0.5b --method likelihood
     PYTHONPATH=. python bench/fuse_offline.py --combine likelihood-chat,smollm2-135m:likelihood
+    PYTHONPATH=. python bench/fuse_offline.py --method likelihood-chat+amx --split-by all
+
+``--split-by FEATURE`` gives each query one of two weights: queries whose FEATURE is above its
+median on the picking collection get one, the others the other, both picked there (a weight
+that follows how sure the model or BM25 is of a query). Measured with the 0.5B recipe's AMX
+rows, picked on DL20: DL19 0.5961-0.6024 over the six features, against 0.5984 for one weight
+(0.8); picked on DL19 itself at most 0.6078. No feature is worth a rule.
 """
 
 from __future__ import annotations
@@ -118,6 +125,65 @@ def main_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def features(row: dict) -> dict[str, float]:
+    """What a query's weight could follow: how spread the model's and BM25's scores are, and how
+    much the two agree."""
+    import statistics
+
+    model = [float(row["scores"][d]) for d in row["input"]]
+    bm25 = [float(v) for v in row["bm25"]]
+    top = sorted(model, reverse=True)
+    first = sorted(bm25, reverse=True)
+    spread = first[0] - first[-1]
+    agree = (
+        statistics.correlation(model, bm25)
+        if statistics.pstdev(model) > 0 and statistics.pstdev(bm25) > 0
+        else 0.0
+    )
+    return {
+        "model_spread": statistics.pstdev(model),
+        "model_gap": top[0] - top[1],
+        "bm25_gap": (first[0] - first[1]) / spread if spread else 0.0,
+        "bm25_spread": spread,
+        "bm25_top": first[0],
+        "agreement": agree,
+    }
+
+
+def split_orders(rows: dict, feature: str, threshold: float, high: float, low: float) -> dict:
+    out = {}
+    for qid, row in rows.items():
+        w = high if features(row)[feature] > threshold else low
+        out.update(fused_orders({qid: row}, w))
+    return out
+
+
+def main_split(args: argparse.Namespace, data: dict) -> int:
+    import statistics
+
+    other = next(c for c in COLLECTIONS if c != args.pick)
+    rows, base, qrels = data[args.pick]
+    names = list(features(next(iter(rows.values())))) if args.split_by == "all" else [args.split_by]
+    print(f"| feature | median on {args.pick} | w above | w below | {args.pick} | {other} |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        threshold = statistics.median(features(row)[name] for row in rows.values())
+        best: tuple[float, float, float] | None = None
+        for high in WEIGHTS:
+            for low in WEIGHTS:
+                r = compare(split_orders(rows, name, threshold, high, low), base, qrels)
+                if best is None or r["ndcg"] > best[0] + 1e-12:
+                    best = (r["ndcg"], high, low)
+        assert best is not None
+        o_rows, o_base, o_qrels = data[other]
+        tested = compare(split_orders(o_rows, name, threshold, best[1], best[2]), o_base, o_qrels)
+        print(
+            f"| {name} | {threshold:.3g} | {best[1]} | {best[2]} | {best[0]:.4f} | "
+            f"{tested['ndcg']:.4f} ({tested['wins']}/{tested['losses']}) |"
+        )
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -137,6 +203,12 @@ def main() -> int:
         help="methods to fuse together with the first stage (comma-separated; MODEL:METHOD "
         "for another model's); weights on a 0.1 grid of the simplex, picked on --pick",
     )
+    p.add_argument(
+        "--split-by",
+        default=None,
+        help="two weights, for queries above and below the median of a feature "
+        "(model_spread, model_gap, bm25_gap, bm25_spread, bm25_top, agreement, or all)",
+    )
     args = p.parse_args()
     if args.combine:
         return main_combine(args)
@@ -147,6 +219,8 @@ def main() -> int:
         base = {r.query.qid: [c.docid for c in r.candidates] for r in requests}
         rows = done_rows(args.out / args.model / args.method / f"{collection}.jsonl")
         data[collection] = (rows, base, qrels)
+    if args.split_by:
+        return main_split(args, data)
     first = "ranks" if args.ranks else "BM25 scores"
     print(f"{args.model} {args.method}; first stage from {first}; pick on {args.pick}")
     print("| w | " + " | ".join(f"{c} nDCG@10 (n)" for c in COLLECTIONS) + " |")

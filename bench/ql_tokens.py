@@ -11,6 +11,11 @@ passage scores that weigh the tokens differently:
   the tokens the model could not guess without the passage count more (g = 0 is ``mean``);
 - ``skip first``: the mean without the first token (MS MARCO's queries are lower-case, and the
   model expects a capital after "Question:": the first token's logprob is mostly that);
+- ``floor f``: the mean of ``max(logprob, f)``: one token the passage makes very unlikely
+  costs at most ``f``;
+- ``power e``: ``-mean((-logprob) ** e)``: the other way, unlikely tokens cost more;
+- ``token z`` / ``token ranks``: each query token's logprobs normalised across the query's
+  passages (z-scores, softened ones, or ranks), then summed: every query word has one voice;
 - ``capped c``: the mean of ``min(pmi, c)``, ``pmi = logprob with - logprob without the
   passage``: a passage gains from explaining a token at most ``c`` nats, so one echoed rare word
   does not outweigh the rest of the query.
@@ -50,6 +55,7 @@ from bench_real import (  # noqa: E402
 
 WEIGHTS = [round(0.05 * i, 2) for i in range(21)]
 Score = Callable[[list[float], list[float]], float]
+QueryScore = Callable[[list[list[float]]], list[float]]
 
 
 def without_passage(args: argparse.Namespace, collection: str) -> dict[str, list[float]]:
@@ -87,6 +93,10 @@ def families() -> dict[str, Score]:
         out[f"capped {c}"] = lambda lp, u, c=c: (
             sum(min(a - b, c) for a, b in zip(lp, u, strict=True)) / len(lp)
         )
+    for f in (-8.0, -10.0, -15.0):
+        out[f"floor {f:g}"] = lambda lp, u, f=f: sum(max(a, f) for a in lp) / len(lp)
+    for e in (1.25, 1.5, 2.0):
+        out[f"power {e}"] = lambda lp, u, e=e: -sum((-min(a, 0.0)) ** e for a in lp) / len(lp)
     out["skip first"] = lambda lp, u: sum(lp[1:]) / max(len(lp) - 1, 1)
     for c in (1.0, 2.0, 3.0):
         out[f"skip first, capped {c}"] = lambda lp, u, c=c: (
@@ -95,14 +105,52 @@ def families() -> dict[str, Score]:
     return out
 
 
-def rescored(rows: dict, base: dict[str, list[float]], score: Score) -> dict:
+def across_passages() -> dict[str, QueryScore]:
+    """Each query token's logprobs normalised across the query's passages, then summed, so that
+    every query word has one voice (a rare word's wide logprobs do not outweigh the rest)."""
+    import statistics
+
+    def z(matrix: list[list[float]], soften: float) -> list[float]:
+        out = [0.0] * len(matrix)
+        for column in zip(*matrix, strict=True):
+            mean, sd = statistics.fmean(column), statistics.pstdev(column)
+            for i, v in enumerate(column):
+                out[i] += (v - mean) / (sd + soften) if sd + soften else 0.0
+        return out
+
+    def ranks(matrix: list[list[float]]) -> list[float]:
+        out = [0.0] * len(matrix)
+        for column in zip(*matrix, strict=True):
+            for r, i in enumerate(sorted(range(len(column)), key=column.__getitem__)):
+                out[i] += r
+        return out
+
+    out: dict[str, QueryScore] = {
+        "token z": lambda m: z(m, 0.0),
+        "token z, sd + 2": lambda m: z(m, 2.0),
+        "token ranks": ranks,
+    }
+    for score in out.values():
+        score.whole_query = True  # type: ignore[attr-defined]
+    return out
+
+
+def rescored(rows: dict, base: dict[str, list[float]], score: Score | QueryScore) -> dict:
+    """Rows with each passage's score from its query tokens' logprobs (``score`` takes one
+    passage's, or the whole query's when it is one of ``across_passages``)."""
+    whole = getattr(score, "whole_query", False)
     out = {}
     for qid, row in rows.items():
         tokens = row.get("token_logprobs") or {}
         u = base.get(qid)
-        if u is None or any(d not in tokens or len(tokens[d]) != len(u) for d in row["input"]):
+        docids = row["input"]
+        if u is None or any(d not in tokens or len(tokens[d]) != len(u) for d in docids):
             continue
-        out[qid] = {**row, "scores": {d: score(tokens[d], u) for d in row["input"]}}
+        if whole:
+            values = score([tokens[d] for d in docids])  # type: ignore[call-arg]
+        else:
+            values = [score(tokens[d], u) for d in docids]  # type: ignore[call-arg]
+        out[qid] = {**row, "scores": dict(zip(docids, values, strict=True))}
     return out
 
 
@@ -124,7 +172,7 @@ def main() -> int:
     print(f"| score | w (picked) | {args.pick} | {other} | {other} w=0.6 | {other} alone |")
     print("|---|---|---|---|---|---|")
     best = None
-    for name, score in families().items():
+    for name, score in {**families(), **across_passages()}.items():
         picked = None
         for w in WEIGHTS:
             rows, u, base, qrels = data[args.pick]
