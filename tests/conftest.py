@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,13 @@ from permrank.sim.server import Corpus, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DL19_5Q = ROOT / "fixtures" / "dl19-5q"
+
+# A shell without job control starts a background command (`bash .ci/run &`, `nohup ... &`)
+# with SIGINT ignored, and an ignored signal stays ignored in every child it execs: the tests
+# that press Ctrl-C on a child (SIGINT) would then see it ignored. Take SIGINT back here, so
+# the children start with the default, as under a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ never ranking quality.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -144,7 +145,13 @@ def serve_local(*extra: str) -> tuple[subprocess.Popen[str], int]:
 def test_serve_local_leaves_no_server_behind(how: signal.Signals) -> None:
     process, child = serve_local("--ctx", "1024", "--local-model", SMOL)
     process.send_signal(how)
-    process.wait(30)
+    try:
+        process.wait(30)
+    finally:
+        if process.poll() is None:  # failed: leave nothing running behind the test either
+            process.kill()
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
     process.communicate()
     # SIGINT and SIGTERM: stopped by us; SIGKILL: the kernel's parent-death signal.
     assert wait_gone(child), f"llama-server {child} outlived its parent ({how.name})"
