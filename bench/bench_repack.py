@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_real import run_one  # noqa: E402
 
 from permrank.servers.llamacpp import LlamaServer, llama_server_binary  # noqa: E402
-from permrank.servers.models import models_dir, resolve  # noqa: E402
+from permrank.servers.models import atomic_file, models_dir, resolve  # noqa: E402
 
 NO_AMX = r"""
 import ctypes, os, struct, sys
@@ -89,13 +89,12 @@ def copy_of(source: Path, quant: str, tools: Path) -> Path:
     target = models_dir() / "bench" / f"{source.stem}.{quant.lower()}.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        subprocess.run(
-            [str(tools / "llama-quantize"), "--allow-requantize", str(source), str(tmp), quant],
-            check=True,
-            capture_output=True,
-        )
-        tmp.rename(target)
+        with atomic_file(target) as tmp:
+            subprocess.run(
+                [str(tools / "llama-quantize"), "--allow-requantize", str(source), str(tmp), quant],
+                check=True,
+                capture_output=True,
+            )
     return target
 
 

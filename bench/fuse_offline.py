@@ -150,33 +150,36 @@ def features(row: dict) -> dict[str, float]:
     }
 
 
-def split_orders(rows: dict, feature: str, threshold: float, high: float, low: float) -> dict:
-    out = {}
-    for qid, row in rows.items():
-        w = high if features(row)[feature] > threshold else low
-        out.update(fused_orders({qid: row}, w))
-    return out
+def split_orders(rows: dict, above: set[str], high: float, low: float) -> dict:
+    """Each query fused at ``high`` when its qid is in ``above``, else at ``low``."""
+    at_high = {qid: row for qid, row in rows.items() if qid in above}
+    at_low = {qid: row for qid, row in rows.items() if qid not in above}
+    return {**fused_orders(at_high, high), **fused_orders(at_low, low)}
 
 
 def main_split(args: argparse.Namespace, data: dict) -> int:
     import statistics
 
     other = next(c for c in COLLECTIONS if c != args.pick)
-    rows, base, qrels = data[args.pick]
-    names = list(features(next(iter(rows.values())))) if args.split_by == "all" else [args.split_by]
+    feats = {c: {qid: features(row) for qid, row in data[c][0].items()} for c in COLLECTIONS}
+    names = (
+        list(next(iter(feats[args.pick].values()))) if args.split_by == "all" else [args.split_by]
+    )
     print(f"| feature | median on {args.pick} | w above | w below | {args.pick} | {other} |")
     print("|---|---|---|---|---|---|")
     for name in names:
-        threshold = statistics.median(features(row)[name] for row in rows.values())
+        threshold = statistics.median(f[name] for f in feats[args.pick].values())
+        above = {c: {q for q, f in feats[c].items() if f[name] > threshold} for c in COLLECTIONS}
+        rows, base, qrels = data[args.pick]
         best: tuple[float, float, float] | None = None
         for high in WEIGHTS:
             for low in WEIGHTS:
-                r = compare(split_orders(rows, name, threshold, high, low), base, qrels)
+                r = compare(split_orders(rows, above[args.pick], high, low), base, qrels)
                 if best is None or r["ndcg"] > best[0] + 1e-12:
                     best = (r["ndcg"], high, low)
         assert best is not None
         o_rows, o_base, o_qrels = data[other]
-        tested = compare(split_orders(o_rows, name, threshold, best[1], best[2]), o_base, o_qrels)
+        tested = compare(split_orders(o_rows, above[other], best[1], best[2]), o_base, o_qrels)
         print(
             f"| {name} | {threshold:.3g} | {best[1]} | {best[2]} | {best[0]:.4f} | "
             f"{tested['ndcg']:.4f} ({tested['wins']}/{tested['losses']}) |"

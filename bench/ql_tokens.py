@@ -55,7 +55,8 @@ from bench_real import (  # noqa: E402
 
 WEIGHTS = [round(0.05 * i, 2) for i in range(21)]
 Score = Callable[[list[float], list[float]], float]
-QueryScore = Callable[[list[list[float]]], list[float]]
+QueryScore = Callable[[list[list[float]], list[float]], list[float]]
+"""Every passage's score of a query, from the passages' token logprobs (and the query's own)."""
 
 
 def without_passage(args: argparse.Namespace, collection: str) -> dict[str, list[float]]:
@@ -105,6 +106,10 @@ def families() -> dict[str, Score]:
     return out
 
 
+def per_passage(score: Score) -> QueryScore:
+    return lambda matrix, u: [score(lp, u) for lp in matrix]
+
+
 def across_passages() -> dict[str, QueryScore]:
     """Each query token's logprobs normalised across the query's passages, then summed, so that
     every query word has one voice (a rare word's wide logprobs do not outweigh the rest)."""
@@ -118,27 +123,22 @@ def across_passages() -> dict[str, QueryScore]:
                 out[i] += (v - mean) / (sd + soften) if sd + soften else 0.0
         return out
 
-    def ranks(matrix: list[list[float]]) -> list[float]:
+    def ranks(matrix: list[list[float]], u: list[float]) -> list[float]:
         out = [0.0] * len(matrix)
         for column in zip(*matrix, strict=True):
             for r, i in enumerate(sorted(range(len(column)), key=column.__getitem__)):
                 out[i] += r
         return out
 
-    out: dict[str, QueryScore] = {
-        "token z": lambda m: z(m, 0.0),
-        "token z, sd + 2": lambda m: z(m, 2.0),
+    return {
+        "token z": lambda m, u: z(m, 0.0),
+        "token z, sd + 2": lambda m, u: z(m, 2.0),
         "token ranks": ranks,
     }
-    for score in out.values():
-        score.whole_query = True  # type: ignore[attr-defined]
-    return out
 
 
-def rescored(rows: dict, base: dict[str, list[float]], score: Score | QueryScore) -> dict:
-    """Rows with each passage's score from its query tokens' logprobs (``score`` takes one
-    passage's, or the whole query's when it is one of ``across_passages``)."""
-    whole = getattr(score, "whole_query", False)
+def rescored(rows: dict, base: dict[str, list[float]], score: QueryScore) -> dict:
+    """Rows with each passage's score from the query tokens' logprobs."""
     out = {}
     for qid, row in rows.items():
         tokens = row.get("token_logprobs") or {}
@@ -146,10 +146,7 @@ def rescored(rows: dict, base: dict[str, list[float]], score: Score | QueryScore
         docids = row["input"]
         if u is None or any(d not in tokens or len(tokens[d]) != len(u) for d in docids):
             continue
-        if whole:
-            values = score([tokens[d] for d in docids])  # type: ignore[call-arg]
-        else:
-            values = [score(tokens[d], u) for d in docids]  # type: ignore[call-arg]
+        values = score([tokens[d] for d in docids], u)
         out[qid] = {**row, "scores": dict(zip(docids, values, strict=True))}
     return out
 
@@ -172,7 +169,8 @@ def main() -> int:
     print(f"| score | w (picked) | {args.pick} | {other} | {other} w=0.6 | {other} alone |")
     print("|---|---|---|---|---|---|")
     best = None
-    for name, score in {**families(), **across_passages()}.items():
+    scores = {name: per_passage(score) for name, score in families().items()}
+    for name, score in {**scores, **across_passages()}.items():
         picked = None
         for w in WEIGHTS:
             rows, u, base, qrels = data[args.pick]
